@@ -1,0 +1,287 @@
+"""Datasets in one record shape, the VQA v2 layout, and the batching that serves them.
+
+A record is a dict: question_id, image_id, question, and, where annotations exist,
+answers (the human answers, 10 in VQA v2), answer_type, question_type,
+multiple_choice_answer. A `VQASplit` is the records plus where each image lives.
+"""
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .answers import answer_scores
+from .errors import DataError
+from .text import QuestionTokenizer, pad_questions
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# "COCO_val2014_000000000042.jpg" -> 42, "42.png" -> 42: the last run of digits.
+_IMAGE_ID = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+@dataclass
+class VQASplit:
+    name: str
+    records: list[dict]
+    image_paths: dict[int, Path]  # image_id -> file
+    skipped_images: list[str] = field(default_factory=list)  # filled only by skip_bad_images
+
+    @property
+    def has_answers(self) -> bool:
+        return bool(self.records) and "answers" in self.records[0]
+
+    @property
+    def image_ids(self) -> list[int]:
+        """Image ids in first-seen order of the records."""
+        return list(dict.fromkeys(r["image_id"] for r in self.records))
+
+    def subset(self, image_ids, name: str) -> "VQASplit":
+        keep = set(image_ids)
+        return VQASplit(
+            name,
+            [r for r in self.records if r["image_id"] in keep],
+            {i: p for i, p in self.image_paths.items() if i in keep},
+        )
+
+
+def read_json(path: str | Path, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{what} file {path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"{what} file {path} is not UTF-8 text ({error})") from error
+
+
+def _require(item, key: str, kind, path: Path, where: str):
+    if not isinstance(item, dict):
+        raise DataError(f"{path}: {where} is {type(item).__name__}, expected an object")
+    if key not in item:
+        raise DataError(f"{path}: {where} has no field {key!r}")
+    value = item[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{path}: {where} field {key!r} is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def index_image_folder(image_dir: str | Path) -> dict[int, Path]:
+    """image_id -> path for every image file in a folder, by the digits ending its name."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"image folder not found: {image_dir}")
+    index = {}
+    for path in image_dir.iterdir():
+        match = _IMAGE_ID.search(path.name)
+        if match:
+            index[int(match.group(1))] = path
+    return index
+
+
+def load_vqa_split(
+    questions_file: str | Path,
+    annotations_file: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    name: str | None = None,
+) -> VQASplit:
+    """Read VQA v2-layout files. Without annotations (test-dev, test-std) records have no answers."""
+    questions_file = Path(questions_file)
+    data = read_json(questions_file, "questions")
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise DataError(f"{questions_file}: expected an object with a list field 'questions'")
+    records, seen = [], {}
+    for position, q in enumerate(data["questions"]):
+        where = f"questions[{position}]"
+        qid = _require(q, "question_id", int, questions_file, where)
+        image_id = _require(q, "image_id", int, questions_file, where)
+        text = _require(q, "question", str, questions_file, where)
+        if qid in seen:
+            raise DataError(f"{questions_file}: question_id {qid} appears twice ({where} and questions[{seen[qid]}])")
+        seen[qid] = position
+        records.append({"question_id": qid, "image_id": image_id, "question": text})
+    if not records:
+        raise DataError(f"{questions_file}: the split is empty (no questions)")
+
+    if annotations_file is not None:
+        annotations_file = Path(annotations_file)
+        ann = read_json(annotations_file, "annotations")
+        if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
+            raise DataError(f"{annotations_file}: expected an object with a list field 'annotations'")
+        by_id = {r["question_id"]: r for r in records}
+        annotated = set()
+        for position, a in enumerate(ann["annotations"]):
+            where = f"annotations[{position}]"
+            qid = _require(a, "question_id", int, annotations_file, where)
+            if qid not in by_id:
+                raise DataError(f"{annotations_file}: {where} is for question_id {qid}, which is not in {questions_file}")
+            if qid in annotated:
+                raise DataError(f"{annotations_file}: question_id {qid} is annotated twice ({where})")
+            annotated.add(qid)
+            answers = _require(a, "answers", list, annotations_file, where)
+            if not answers:
+                raise DataError(f"{annotations_file}: {where} has an empty 'answers' list")
+            texts = [_require(x, "answer", str, annotations_file, f"{where}.answers[{i}]") for i, x in enumerate(answers)]
+            record = by_id[qid]
+            record["answers"] = texts
+            record["answer_type"] = _require(a, "answer_type", str, annotations_file, where)
+            record["question_type"] = _require(a, "question_type", str, annotations_file, where)
+            record["multiple_choice_answer"] = a.get("multiple_choice_answer", Counter(texts).most_common(1)[0][0])
+        missing = [qid for qid in by_id if qid not in annotated]
+        if missing:
+            raise DataError(
+                f"{annotations_file}: {len(missing)} questions of {questions_file} have no annotation "
+                f"(first: question_id {missing[0]})"
+            )
+
+    image_paths = {}
+    if image_dir is not None:
+        index = index_image_folder(image_dir)
+        subtype = data.get("data_subtype", "")
+        for image_id in dict.fromkeys(r["image_id"] for r in records):
+            if image_id not in index:
+                expected = f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else f"{image_id}.png or .jpg"
+                raise DataError(f"image {image_id} not found in {image_dir} (expected a file such as {expected})")
+            image_paths[image_id] = index[image_id]
+    return VQASplit(name or data.get("data_subtype") or questions_file.stem, records, image_paths)
+
+
+def load_easy_vqa(split: str) -> VQASplit:
+    """easy-VQA (PyPI `easy-vqa`) as VQA v2-layout records.
+
+    Its single answer counts as all 10 human answers; yes/no answers get answer_type
+    "yes/no", the others "other"; question_type is the question's first two words.
+    """
+    import easy_vqa
+
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise DataError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
+    records = []
+    for position, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids)):
+        records.append({
+            "question_id": position,
+            "image_id": int(image_id),
+            "question": question,
+            "answers": [answer] * 10,
+            "answer_type": "yes/no" if answer in ("yes", "no") else "other",
+            "question_type": " ".join(question.split()[:2]),
+            "multiple_choice_answer": answer,
+        })
+    return VQASplit(f"easy-vqa-{split}", records, {int(k): Path(v) for k, v in paths.items()})
+
+
+def split_by_image(split: VQASplit, fraction: float, seed: int) -> tuple[VQASplit, VQASplit]:
+    """(train, held-out) parts with no image in both."""
+    image_ids = sorted(split.image_ids)
+    random.Random(seed).shuffle(image_ids)
+    n_held = max(1, round(len(image_ids) * fraction))
+    return split.subset(image_ids[n_held:], f"{split.name}-train"), split.subset(image_ids[:n_held], f"{split.name}-val")
+
+
+class ImageSource:
+    """Gives each image of a batch once: as pixels (timm transform) or as cached features."""
+
+    def __init__(self, image_paths: dict[int, Path], transform=None, feature_cache=None):
+        self.image_paths = image_paths
+        self.transform = transform
+        self.feature_cache = feature_cache
+
+    def batch(self, image_ids: list[int]) -> dict[str, torch.Tensor]:
+        if self.feature_cache is not None:
+            return {"image_features": self.feature_cache.get(image_ids)}
+        from .images import open_image
+
+        pixels = [self.transform(open_image(self.image_paths[i])) for i in image_ids]
+        return {"pixel_values": torch.stack(pixels)}
+
+
+class QuestionDataset(Dataset):
+    """One item per question: its piece ids, its image id and its soft answer scores."""
+
+    def __init__(self, split: VQASplit, tokenizer: QuestionTokenizer, answer_index: dict[str, int], max_tokens: int):
+        self.split = split
+        self.records = sorted(split.records, key=lambda r: (r["image_id"], r["question_id"]))
+        self.num_answers = len(answer_index)
+        self.input_ids = [tokenizer.encode(r["question"], max_tokens) for r in self.records]
+        self.scores = [answer_scores(r["answers"], answer_index) if "answers" in r else None for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "input_ids": self.input_ids[i], "image_id": self.records[i]["image_id"], "scores": self.scores[i]}
+
+
+class VQACollator:
+    """Pads the questions and loads each distinct image of the batch once."""
+
+    def __init__(self, images: ImageSource, num_answers: int):
+        self.images = images
+        self.num_answers = num_answers
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, lengths = pad_questions([it["input_ids"] for it in items])
+        unique = list(dict.fromkeys(it["image_id"] for it in items))
+        row = {image_id: r for r, image_id in enumerate(unique)}
+        batch = {
+            "input_ids": input_ids,
+            "lengths": lengths,
+            "image_index": torch.tensor([row[it["image_id"]] for it in items], dtype=torch.long),
+            "question_index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            **self.images.batch(unique),
+        }
+        if items[0]["scores"] is not None:
+            labels = torch.zeros(len(items), self.num_answers)
+            for r, it in enumerate(items):
+                for answer, score in it["scores"].items():
+                    labels[r, answer] = score
+            batch["labels"] = labels
+        return batch
+
+
+class ImageGroupedSampler(Sampler[int]):
+    """Shuffles images, then yields each image's questions together.
+
+    Consecutive questions share images, so a batch runs the CNN on far fewer images
+    than it has questions. The order depends only on (seed, epoch): every torchrun
+    process draws the same order and takes its own share of the batches.
+    """
+
+    def __init__(self, dataset: QuestionDataset, seed: int = 0):
+        self.seed = seed
+        self.epoch = 0
+        groups: dict[int, list[int]] = {}
+        for i, record in enumerate(dataset.records):
+            groups.setdefault(record["image_id"], []).append(i)
+        self.groups = list(groups.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(len(self.groups)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        # Not every wrapper forwards set_epoch (accelerate's shard under DDP does not):
+        # counting passes keeps each epoch's order new and the same on every process.
+        self.epoch += 1
+        for g in order:
+            yield from self.groups[g]
