@@ -25,14 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vqa.errors import VQAError  # noqa: E402
-from vqa.training import TrainOptions, train  # noqa: E402
+from vqa.training import TrainingInterrupted, TrainOptions, train  # noqa: E402
 
 
 def parse_args(argv=None) -> TrainOptions:
     defaults = TrainOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainOptions):
-        if f.name in ("command", "pretrained", "freeze_backbone", "resume"):
+        if f.name in ("command", "pretrained", "freeze_backbone", "resume", "skip_bad_images", "save_half"):
             continue
         default = getattr(defaults, f.name)
         kind = {"int": int, "float": float}.get(type(default).__name__, str)
@@ -45,6 +45,9 @@ def parse_args(argv=None) -> TrainOptions:
                         help="ImageNet weights: from the local timm/Hugging Face cache, or the given .safetensors file")
     parser.add_argument("--freeze-backbone", action="store_true", help="keep the CNN fixed and cache its features")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this output dir")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="drop unreadable images and their questions (they are listed) instead of failing")
+    parser.add_argument("--save-half", action="store_true", help="store the final weights in float16")
     args = parser.parse_args(argv)
     return TrainOptions(**vars(args))
 
@@ -56,6 +59,9 @@ def main(argv=None) -> int:
     except VQAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 
@@ -74,7 +75,8 @@ def load_checkpoint(folder: str | Path):
     tokenizer = QuestionTokenizer.load(folder)
     try:
         config = VQAConfig.from_pretrained(folder)
-        model = VQAModel.from_pretrained(folder, config=config, use_safetensors=True)
+        # Weights may be stored in half precision (the shipped checkpoint is); compute in float32.
+        model = VQAModel.from_pretrained(folder, config=config, use_safetensors=True, dtype=torch.float32)
     except (RuntimeError, ValueError, OSError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {error}") from error
     if len(tokenizer) > config.vocab_size:
@@ -108,13 +110,20 @@ def render_card(facts: dict, body: str) -> str:
 
 
 def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, card: str | None = None,
-                    extra_files: dict[str, Path] | None = None) -> Path:
-    """Write the checkpoint into a temporary sibling folder, then rename it into place."""
+                    extra_files: dict[str, Path] | None = None, half: bool = False) -> Path:
+    """Write the checkpoint into a temporary sibling folder, then rename it into place.
+
+    half=True stores the weights in float16 (half the size; loading computes in float32).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if half:
+            import copy
+
+            model = copy.deepcopy(model).to(torch.float16)
+        model.save_pretrained(tmp)
         tokenizer.save(tmp)
         if card is not None:
             (tmp / CARD_FILE).write_text(card)

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .answers import answer_scores
-from .errors import DataError
+from .errors import DataError, InputError
+from .images import open_image
 from .text import QuestionTokenizer, pad_questions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -202,13 +203,37 @@ class ImageSource:
         self.transform = transform
         self.feature_cache = feature_cache
 
+    def pixels(self, image_id: int) -> torch.Tensor:
+        path = self.image_paths.get(image_id)
+        if path is None:
+            raise DataError(f"no image file for image_id {image_id}")
+        try:
+            return self.transform(open_image(path))
+        except InputError as error:
+            raise DataError(f"unreadable image for image_id {image_id}: {error} (--skip-bad-images skips such images)") from error
+
     def batch(self, image_ids: list[int]) -> dict[str, torch.Tensor]:
         if self.feature_cache is not None:
             return {"image_features": self.feature_cache.get(image_ids)}
-        from .images import open_image
+        return {"pixel_values": torch.stack([self.pixels(i) for i in image_ids])}
 
-        pixels = [self.transform(open_image(self.image_paths[i])) for i in image_ids]
-        return {"pixel_values": torch.stack(pixels)}
+
+def drop_bad_images(split: VQASplit) -> VQASplit:
+    """Opt-in (--skip-bad-images): decode every image once and drop those that fail,
+    with their questions. The dropped files are listed in `skipped_images`."""
+    bad = {}
+    for image_id, path in split.image_paths.items():
+        try:
+            open_image(path)
+        except InputError as error:
+            bad[image_id] = f"{path}: {error}"
+    if not bad:
+        return split
+    kept = split.subset([i for i in split.image_ids if i not in bad], split.name)
+    if not kept.records:
+        raise DataError(f"{split.name}: every image is unreadable (first: {next(iter(bad.values()))})")
+    kept.skipped_images = sorted(bad.values())
+    return kept
 
 
 class QuestionDataset(Dataset):

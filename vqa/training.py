@@ -6,7 +6,10 @@ what is VQA-specific: image-grouped batches, the VQA accuracy for choosing the b
 epoch, answer-vocabulary extension for fine-tuning, the model card and the curves.
 """
 
+import json
 import shlex
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,18 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .answers import build_answer_vocabulary
 from .checkpoint import load_checkpoint, render_card, save_checkpoint
 from .config import VQAConfig
-from .data import (ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit, load_easy_vqa,
-                   load_vqa_split, split_by_image)
+from .data import (ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit, drop_bad_images,
+                   load_easy_vqa, load_vqa_split, split_by_image)
 from .errors import DataError
 from .features import extract_features
 from .model import VQAModel
 from .text import QuestionTokenizer
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
 
 @dataclass
@@ -65,6 +72,9 @@ class TrainOptions:
     num_workers: int = 0
     feature_cache: str | None = None  # folder; default <output_dir>/features when the backbone is frozen
     max_train_questions: int | None = None  # a quick run on part of the data
+    skip_bad_images: bool = False  # drop unreadable images (listed in the output) instead of failing
+    save_half: bool = False  # store the final weights in float16
+    logging_steps: int = 20
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["python", *sys.argv]))
 
 
@@ -110,6 +120,50 @@ def vqa_accuracy_metric(eval_pred) -> dict[str, float]:
     return {"vqa_accuracy": float(100.0 * np.asarray(labels)[np.arange(len(top)), top].mean())}
 
 
+def last_complete_checkpoint(work: Path) -> Path | None:
+    """The newest Trainer checkpoint that was written to the end.
+
+    The Trainer writes trainer_state.json last; a checkpoint without a readable one was
+    cut short (e.g. SIGKILL during the save) and is removed, so that resuming never
+    starts from half a checkpoint and the one before it stays the last good one.
+    """
+    if not work.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for folder in reversed(candidates):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return folder
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            print(f"removing incomplete checkpoint {folder}", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received} received: saving a checkpoint and stopping (resume with --resume)", file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class VQATrainer(Trainer):
     """Trainer whose training batches group questions by image (one CNN pass per image)."""
 
@@ -150,17 +204,34 @@ def train(options: TrainOptions) -> dict:
     work = out.with_name(out.name + ".trainer")  # Trainer checkpoints, TensorBoard logs
     torch.manual_seed(options.seed)
     full_train, test = load_training_data(options)
+    skipped = []
+    if options.skip_bad_images:
+        full_train = drop_bad_images(full_train)
+        skipped = full_train.skipped_images
+        if test is not None and test.image_paths:
+            test = drop_bad_images(test)
+            skipped += test.skipped_images
+        if skipped:
+            print(f"--skip-bad-images: skipped {len(skipped)} unreadable images:", *skipped, sep="\n  ", file=sys.stderr)
     train_part, val_part = split_by_image(full_train, options.val_fraction, options.seed)
     if options.max_train_questions:
         train_part.records = train_part.records[: options.max_train_questions]
 
+    work.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(work) if options.resume else None
+    if options.resume and resume is None:
+        print(f"--resume: no complete checkpoint in {work}; starting from the beginning", file=sys.stderr)
     answers = build_answer_vocabulary((r["answers"] for r in train_part.records), options.top_answers)
     if options.init_from:
         model, tokenizer = load_checkpoint(options.init_from)
         model.train()
         extend_answers(model, answers)
+    elif resume is not None and (work / "tokenizer.model").is_file():
+        tokenizer = QuestionTokenizer.load(work)
     else:
         tokenizer = QuestionTokenizer.train((r["question"] for r in train_part.records), options.tokenizer_vocab)
+    if not options.init_from:
+        tokenizer.save(work)  # a resumed run needs the same pieces
         config = VQAConfig(
             backbone=options.backbone, image_size=options.image_size, crop_pct=options.crop_pct,
             freeze_backbone=options.freeze_backbone, vocab_size=len(tokenizer), embed_dim=options.embed_dim,
@@ -203,7 +274,7 @@ def train(options: TrainOptions) -> dict:
         metric_for_best_model="vqa_accuracy",
         greater_is_better=True,
         logging_strategy="steps",
-        logging_steps=20,
+        logging_steps=options.logging_steps,
         report_to=["tensorboard"],
         seed=options.seed,
         data_seed=options.seed,
@@ -216,14 +287,16 @@ def train(options: TrainOptions) -> dict:
         save_only_model=False,
         ddp_find_unused_parameters=False,
     )
+    stop = StopOnSignal()
     trainer = VQATrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
         data_collator=VQACollator(images, len(answer_index)), compute_metrics=vqa_accuracy_metric,
+        callbacks=[stop],
     )
-    resume = get_last_checkpoint(str(work)) if options.resume and work.is_dir() else None
-    if options.resume and resume is None:
-        print(f"--resume: no checkpoint in {work}; starting from the beginning", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.received is not None:
+        raise TrainingInterrupted(f"stopped by {stop.received}; the last checkpoint is in {work}: "
+                                  "run the same command with --resume to continue")
     val_metrics = trainer.evaluate()
     facts = {
         "dataset": options.dataset if options.dataset == "easy-vqa" else full_train.name,
@@ -233,6 +306,8 @@ def train(options: TrainOptions) -> dict:
         "val_questions": len(val_set),
         "val_accuracy": round(val_metrics["eval_vqa_accuracy"], 2),
     }
+    if skipped:
+        facts["skipped_images"] = len(skipped)
     if test is not None and test.has_answers:
         # The test split is scored once, after every choice has been made on validation.
         test_set = QuestionDataset(test, tokenizer, answer_index, max_tokens)
@@ -245,7 +320,7 @@ def train(options: TrainOptions) -> dict:
     if trainer.is_world_process_zero():
         curves = plot_curves(trainer.state.log_history, work / "training_curves.png")
         save_checkpoint(model, tokenizer, out, render_card(facts, model_card_body(facts, config)),
-                        extra_files={"training_curves.png": curves})
+                        extra_files={"training_curves.png": curves}, half=options.save_half)
         print(f"saved {out}: " + ", ".join(f"{k}={facts[k]}" for k in ("val_accuracy", "test_accuracy") if k in facts))
     return facts
 
