@@ -78,7 +78,10 @@ class ImageEncoder(nn.Module):
         return self.backbone(pixel_values)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(features.float(), dim=-1)  # "norm I"
+        # "norm I": unit L2 norm, then scaled by sqrt(F) so that components have unit RMS.
+        # Unscaled, each component is ~1/sqrt(F) and a freshly initialised Linear + tanh
+        # passes almost nothing on: a backbone trained from scratch then barely learns.
+        features = F.normalize(features.float(), dim=-1) * features.shape[-1] ** 0.5
         return torch.tanh(self.project(features))  # (N, C)
 
 

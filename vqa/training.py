@@ -281,6 +281,8 @@ def train(options: TrainOptions) -> dict:
         bf16=use_cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not use_cuda,
         dataloader_num_workers=options.num_workers,
+        # A tail batch can hold one image, and BatchNorm cannot train on a single value per channel.
+        dataloader_drop_last=True,
         dataloader_pin_memory=use_cuda,
         remove_unused_columns=False,
         label_names=["labels"],

@@ -1,0 +1,157 @@
+"""training/train.py end to end on tiny models and small VQA v2-layout data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_vqa_v2_files
+from vqa.checkpoint import load_checkpoint, read_card
+from vqa.training import last_complete_checkpoint
+
+TINY = ["--backbone", "test_resnet", "--image-size", "32", "--crop-pct", "1.0", "--embed-dim", "16",
+        "--lstm-hidden", "24", "--common-dim", "32", "--classifier-hidden", "32", "--dropout", "0.1",
+        "--batch-size", "8", "--learning-rate", "5e-3", "--logging-steps", "1", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    train = make_vqa_v2_files(folder / "train", n_images=30, subtype="train2014", seed=1)
+    test = make_vqa_v2_files(folder / "test", n_images=6, subtype="val2014", seed=2)
+    return ["--dataset", "files", "--train-questions", str(train["questions"]),
+            "--train-annotations", str(train["annotations"]), "--train-images", str(train["images"]),
+            "--test-questions", str(test["questions"]), "--test-annotations", str(test["annotations"]),
+            "--test-images", str(test["images"]), "--val-fraction", "0.2"]
+
+
+def train_command(out: Path, *args) -> list[str]:
+    return [sys.executable, str(ROOT / "training" / "train.py"), "--output-dir", str(out), *TINY, *args]
+
+
+def run_train(out: Path, *args, timeout=300) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(out, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out: Path) -> list[float]:
+    state = json.loads((last_complete_checkpoint(Path(f"{out}.trainer")) / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "model"
+    run_train(out, *data, "--epochs", "6")
+    return out
+
+
+def test_training_writes_a_complete_checkpoint_and_the_loss_falls(trained):
+    history = losses(trained)
+    assert len(history) >= 20
+    assert sum(history[-4:]) / 4 < 0.7 * sum(history[:4]) / 4
+    model, tokenizer = load_checkpoint(trained)
+    assert set(model.config.answers) >= {"yes", "red", "green", "blue", "yellow"}
+    card = read_card(trained)
+    assert card["train_questions"] + card["val_questions"] == 60
+    assert card["test_questions"] == 12 and 0 <= card["test_accuracy"] <= 100
+    assert card["seed"] == 0 and "training/train.py" in card["command"]
+    assert (trained / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(Path(f"{trained}.trainer").glob("runs/*/events.out.tfevents.*"))  # TensorBoard logs
+
+
+def test_fine_tuning_keeps_tokenizer_and_extends_answers(tmp_path, trained):
+    new = make_vqa_v2_files(tmp_path / "new", n_images=10, subtype="train2014", seed=5)
+    annotations = json.loads(new["annotations"].read_text())
+    for a in annotations["annotations"]:
+        if a["answer_type"] == "other":
+            a["answers"] = [{"answer": "purple", "answer_confidence": "yes", "answer_id": i} for i in range(10)]
+    new["annotations"].write_text(json.dumps(annotations))
+    old_model, old_tokenizer = load_checkpoint(trained)
+    out = tmp_path / "tuned"
+    run_train(out, "--init-from", str(trained), "--dataset", "files", "--train-questions", str(new["questions"]),
+              "--train-annotations", str(new["annotations"]), "--train-images", str(new["images"]),
+              "--epochs", "1", "--learning-rate", "0")
+    model, tokenizer = load_checkpoint(out)
+    old_answers = old_model.config.answers
+    assert model.config.answers[: len(old_answers)] == old_answers
+    assert model.config.answers[len(old_answers):] == ["purple"]
+    assert tokenizer.model_proto == old_tokenizer.model_proto
+    # learning rate 0: the old answers' classifier rows are exactly the old ones
+    assert torch.equal(model.classifier[-1].weight[: len(old_answers)], old_model.classifier[-1].weight)
+
+
+def wait_for(predicate, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def test_sigkill_at_any_point_then_resume_reaches_the_same_accuracy(tmp_path, data, trained):
+    out = tmp_path / "killed"
+    work = Path(f"{out}.trainer")
+    # Kill twice: once right after the first checkpoint appears (possibly mid-save),
+    # once while the second epoch is training.
+    for target in (1, 2):
+        process = subprocess.Popen(train_command(out, *data, "--epochs", "6", "--resume"), cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: len(list(work.glob("checkpoint-*"))) >= target)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        checkpoint = last_complete_checkpoint(work)
+        if checkpoint is not None:
+            from vqa.model import VQAModel
+
+            VQAModel.from_pretrained(checkpoint)  # the last complete checkpoint loads
+    assert not out.exists()  # nothing final was written by the killed runs
+    result = run_train(out, *data, "--epochs", "6", "--resume")
+    assert "Continuing training from checkpoint" in result.stdout + result.stderr or last_complete_checkpoint(work)
+    resumed, uninterrupted = read_card(out), read_card(trained)
+    assert abs(resumed["val_accuracy"] - uninterrupted["val_accuracy"]) <= 0.3
+    assert abs(resumed["test_accuracy"] - uninterrupted["test_accuracy"]) <= 0.3
+
+
+def test_incomplete_checkpoint_is_never_resumed_from(tmp_path):
+    work = tmp_path / "run.trainer"
+    for step, complete in [(10, True), (20, True), (30, False)]:
+        folder = work / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (work / "checkpoint-20" / "trainer_state.json").write_text('{"global_st')  # cut short mid-write
+    assert last_complete_checkpoint(work) == work / "checkpoint-10"
+    assert not (work / "checkpoint-30").exists() and not (work / "checkpoint-20").exists()
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path, data):
+    out = tmp_path / "stopped"
+    work = Path(f"{out}.trainer")
+    process = subprocess.Popen(train_command(out, *data, "--epochs", "200"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (work / "tokenizer.model").exists())
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "SIGTERM received" in stderr and "--resume" in stderr
+    checkpoint = last_complete_checkpoint(work)
+    assert checkpoint is not None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] < state["max_steps"]
+
+
+def test_bad_dataset_arguments_exit_2_with_a_message(tmp_path):
+    result = subprocess.run(train_command(tmp_path / "x", "--dataset", "files"), capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert "error: --dataset files needs --train-questions" in result.stderr
