@@ -1,0 +1,288 @@
+"""training/evaluate.py and vqa.evaluation: the three ways in, the files they write, the errors."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_vqa_v2_files, tiny_config
+from vqa.checkpoint import load_checkpoint, save_checkpoint
+from vqa.data import ImageSource, QuestionDataset, VQACollator, load_vqa_split
+from vqa.errors import DataError, VQAError
+from vqa.evaluation import answer_logits, encode_questions, open_feature_cache, predict_split
+from vqa.features import extract_features
+from vqa.metrics import evaluate_results
+from vqa.model import VQAModel
+
+SCRIPT = ROOT / "training" / "evaluate.py"
+_spec = importlib.util.spec_from_file_location("evaluate_cli", SCRIPT)
+evaluate_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_cli)
+
+
+def run_cli(*args):
+    """The script in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def files_args(files, annotations=True):
+    args = ["--questions", files["questions"], "--images", files["images"]]
+    if annotations and files["annotations"] is not None:
+        args += ["--annotations", files["annotations"]]
+    return args
+
+
+def roundtrip(metrics):
+    return json.loads(json.dumps(metrics))
+
+
+def check_results_file(path, split, vocabulary):
+    results = json.loads(path.read_text())
+    assert isinstance(results, list)
+    assert [r["question_id"] for r in results] == [r["question_id"] for r in split.records]
+    for r in results:
+        assert set(r) == {"question_id", "answer"}
+        assert type(r["question_id"]) is int and r["answer"] in vocabulary
+    return results
+
+
+@pytest.fixture(scope="module")
+def files_run(tmp_path_factory, tiny_checkpoint):
+    """Way 2 (checkpoint + VQA v2 files with annotations) run once through the real command line."""
+    folder = tmp_path_factory.mktemp("files_run")
+    files = make_vqa_v2_files(folder / "data")
+    out = folder / "out"
+    done = run_cli("--checkpoint", tiny_checkpoint, *files_args(files), "--out", out, "--batch-size", "3")
+    return files, out, done
+
+
+def test_way2_writes_official_results_metrics_and_report(files_run, tiny_checkpoint):
+    files, out, done = files_run
+    assert done.returncode == 0, done.stderr
+    split = load_vqa_split(files["questions"], files["annotations"], files["images"])
+    model, _ = load_checkpoint(tiny_checkpoint)
+    results = check_results_file(out / "results.json", split, set(model.config.answers))
+    assert len(results) == 16
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == roundtrip(evaluate_results(results, split))
+    assert set(metrics) == {"overall", "perAnswerType", "perQuestionType", "perQuestion"}
+    assert set(metrics["perAnswerType"]) == {"other", "yes/no"}
+    assert len(metrics["perQuestion"]) == 16
+    # The terminal summary ends with the overall and per-answer-type figures.
+    assert f"overall accuracy: {metrics['overall']:.2f} % (16 questions)" in done.stdout
+    assert f"yes/no: {metrics['perAnswerType']['yes/no']:.2f} %" in done.stdout
+    assert "predicting" in done.stderr  # the tqdm bar
+    report = (out / "report.md").read_text()
+    for heading in ("## Accuracy per answer type", "## Question types", "## Most frequent wrong answers"):
+        assert heading in report
+    assert "(accuracy_per_answer_type.png)" in report
+    with Image.open(out / "accuracy_per_answer_type.png") as chart:
+        chart.verify()
+        assert chart.format == "PNG" and chart.size[0] > 100
+    assert not (out / "skipped_images.json").exists()
+
+
+def test_way3_scores_the_results_of_way2_identically(files_run, tmp_path, capsys):
+    files, out, done = files_run
+    assert done.returncode == 0, done.stderr
+    rescored = tmp_path / "rescored"
+    code = evaluate_cli.main(["--results", str(out / "results.json"), "--questions", str(files["questions"]),
+                              "--annotations", str(files["annotations"]), "--out", str(rescored)])
+    assert code == 0
+    assert json.loads((rescored / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
+    assert (rescored / "results.json").read_text() == (out / "results.json").read_text()
+    assert "Results file" in (rescored / "report.md").read_text()
+    assert "overall accuracy" in capsys.readouterr().out
+
+
+def test_way1_easy_vqa_test_split(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate_cli.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "easy-vqa", "--split", "test",
+                              "--out", str(out)]) == 0
+    from vqa.data import load_easy_vqa
+
+    split = load_easy_vqa("test")
+    model, _ = load_checkpoint(tiny_checkpoint)
+    results = check_results_file(out / "results.json", split, set(model.config.answers))
+    assert len(results) == 9673
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == roundtrip(evaluate_results(results, split))
+    assert set(metrics["perAnswerType"]) == {"yes/no", "other"}
+    assert "overall accuracy" in capsys.readouterr().out
+
+
+def test_predicting_without_annotations_writes_no_metrics(tiny_checkpoint, tmp_path):
+    files = make_vqa_v2_files(tmp_path / "data", n_images=3, subtype="test2015", with_annotations=False)
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tiny_checkpoint), *map(str, files_args(files)), "--out", str(out)]
+    assert evaluate_cli.main(args) == 0
+    split = load_vqa_split(files["questions"], None, files["images"])
+    model, _ = load_checkpoint(tiny_checkpoint)
+    assert len(check_results_file(out / "results.json", split, set(model.config.answers))) == 6
+    assert not (out / "metrics.json").exists()
+    assert not (out / "accuracy_per_answer_type.png").exists()
+    assert "predictions only" in (out / "report.md").read_text()
+
+
+def test_missing_image_names_the_file(tiny_checkpoint, tmp_path, capsys):
+    files = make_vqa_v2_files(tmp_path / "data", n_images=3)
+    (files["images"] / "COCO_val2014_000000001007.jpg").unlink()
+    code = evaluate_cli.main(["--checkpoint", str(tiny_checkpoint), *map(str, files_args(files)),
+                              "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "COCO_val2014_000000001007.jpg" in err
+
+
+def test_skip_bad_images_counts_and_lists_them(tiny_checkpoint, tmp_path, capsys):
+    files = make_vqa_v2_files(tmp_path / "data", n_images=4)
+    corrupt = files["images"] / "COCO_val2014_000000001007.jpg"
+    corrupt.write_bytes(b"this is not a JPEG")
+    (files["images"] / "COCO_val2014_000000001014.jpg").unlink()
+    args = ["--checkpoint", str(tiny_checkpoint), *map(str, files_args(files)), "--batch-size", "2"]
+
+    assert evaluate_cli.main([*args, "--out", str(tmp_path / "strict")]) == 2  # opt-in only
+    assert "COCO_val2014_000000001014.jpg" in capsys.readouterr().err
+
+    out = tmp_path / "out"
+    assert evaluate_cli.main([*args, "--skip-bad-images", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable images (4 questions" in err
+    skipped = {s["image_id"]: s for s in json.loads((out / "skipped_images.json").read_text())}
+    assert set(skipped) == {1007, 1014}
+    assert skipped[1007]["path"] == str(corrupt) and "not a readable image" in skipped[1007]["error"]
+    assert skipped[1007]["question_ids"] == [10070, 10071]
+    assert skipped[1014]["path"] is None and "no image file" in skipped[1014]["error"]
+    results = json.loads((out / "results.json").read_text())
+    answered = {r["question_id"] for r in results}
+    assert len(results) == 4 and not answered & {10070, 10071, 10140, 10141}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {int(q) for q in metrics["perQuestion"]} == answered
+    report = (out / "report.md").read_text()
+    assert "2 images could not be read and were skipped" in report and "## Skipped images" in report
+
+
+def test_corrupt_image_without_skipping_names_the_file(tiny_checkpoint, tmp_path):
+    files = make_vqa_v2_files(tmp_path / "data", n_images=2)
+    corrupt = files["images"] / "COCO_val2014_000000001000.jpg"
+    corrupt.write_bytes(b"")
+    split = load_vqa_split(files["questions"], files["annotations"], files["images"])
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(VQAError, match=str(corrupt)):
+        predict_split(model, tokenizer, split, progress=False)
+
+
+def test_bad_checkpoint_folder_exits_2_with_the_reason(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["id2label"]
+    (broken / "config.json").write_text(json.dumps(config))
+    files = make_vqa_v2_files(tmp_path / "data", n_images=1)
+    done = run_cli("--checkpoint", broken, *files_args(files), "--out", tmp_path / "out")
+    assert done.returncode == 2
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: {broken / 'config.json'} has no answer vocabulary (field 'id2label')"
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_checkpoint_and_bad_results_exit_2(tmp_path, capsys, vqa_v2_files):
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path / "nowhere"), "--dataset", "easy-vqa",
+                              "--out", str(tmp_path / "out")]) == 2
+    assert "error: checkpoint folder not found" in capsys.readouterr().err
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"question_id": 10000, "answer": "red"}]))
+    assert evaluate_cli.main(["--results", str(results), "--questions", str(vqa_v2_files["questions"]),
+                              "--annotations", str(vqa_v2_files["annotations"]), "--out", str(tmp_path / "o")]) == 2
+    assert "15 of the 16 questions have no answer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["--dataset", "easy-vqa"],  # neither --checkpoint nor --results
+    ["--checkpoint", "c", "--results", "r.json", "--dataset", "easy-vqa"],
+    ["--checkpoint", "c"],  # no data
+    ["--results", "r.json", "--questions", "q.json"],  # scoring needs annotations
+])
+def test_argument_errors_exit_2(args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_cli.parse_args([*args, "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# --- the library -----------------------------------------------------------------------
+
+@pytest.fixture
+def model_and_split(tiny_checkpoint, vqa_v2_files):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    split = load_vqa_split(vqa_v2_files["questions"], vqa_v2_files["annotations"], vqa_v2_files["images"])
+    return model, tokenizer, split
+
+
+def test_answer_logits_equal_the_model_forward(model_and_split):
+    model, tokenizer, split = model_and_split
+    dataset = QuestionDataset(split, tokenizer, model.config.label2id, model.config.max_question_tokens)
+    batch = VQACollator(ImageSource(split.image_paths, model.image_transform()), len(model.config.answers))(
+        [dataset[i] for i in range(len(dataset))])
+    with torch.inference_mode():
+        expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        features = model.image_encoder.features(batch["pixel_values"])
+        questions, rows = encode_questions(model, dataset.input_ids, chunk=3)
+        logits = answer_logits(model, features, batch["image_index"], questions, rows[batch["question_index"]], chunk=5)
+    assert questions.shape[0] == len({r["question"] for r in split.records}) < len(split.records)
+    assert logits.shape == expected.shape == (16, len(model.config.answers))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predictions_do_not_depend_on_batch_size(model_and_split):
+    model, tokenizer, split = model_and_split
+    runs = [predict_split(model, tokenizer, split, batch_size=b, progress=False) for b in (1, 3, 256)]
+    for results, skipped in runs:
+        assert skipped == [] and results == runs[0][0]
+    assert [r["question_id"] for r in runs[0][0]] == [r["question_id"] for r in split.records]
+
+
+def test_feature_cache_replaces_the_cnn_for_a_frozen_backbone(tmp_path, easy_vqa_answers, easy_vqa_tokenizer,
+                                                              vqa_v2_files, monkeypatch):
+    torch.manual_seed(0)
+    config = tiny_config(easy_vqa_answers, len(easy_vqa_tokenizer), freeze_backbone=True)
+    frozen = save_checkpoint(VQAModel(config).eval(), easy_vqa_tokenizer, tmp_path / "frozen")
+    model, tokenizer = load_checkpoint(frozen)
+    split = load_vqa_split(vqa_v2_files["questions"], vqa_v2_files["annotations"], vqa_v2_files["images"])
+    extract_features(model, split.image_paths, tmp_path / "cache", progress=False)
+    without_cache, _ = predict_split(model, tokenizer, split, progress=False)
+
+    cache, why_not = open_feature_cache(model, tmp_path / "cache")
+    assert why_not is None
+
+    def no_cnn(*args, **kwargs):
+        raise AssertionError("the CNN ran although the features are cached")
+
+    monkeypatch.setattr(model.image_encoder, "features", no_cnn)
+    with_cache, _ = predict_split(model, tokenizer, split, feature_cache=cache, progress=False)
+    assert [r["question_id"] for r in with_cache] == [r["question_id"] for r in without_cache]
+    # float16 features: near-ties may flip, the rest agree
+    agree = sum(a["answer"] == b["answer"] for a, b in zip(with_cache, without_cache))
+    assert agree >= len(with_cache) - 2
+
+
+def test_feature_cache_is_not_used_when_it_does_not_fit(tmp_path, tiny_checkpoint, vqa_v2_files):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)  # backbone not frozen
+    split = load_vqa_split(vqa_v2_files["questions"], vqa_v2_files["annotations"], vqa_v2_files["images"])
+    extract_features(model, dict(list(split.image_paths.items())[:3]), tmp_path / "cache", progress=False)
+    cache, why_not = open_feature_cache(model, tmp_path / "cache")
+    assert cache is None and "freeze_backbone is false" in why_not
+    model.config.freeze_backbone = True
+    cache, why_not = open_feature_cache(model, tmp_path / "cache")
+    assert why_not is None
+    with pytest.raises(DataError, match="has no features for 5 of the 8 images"):
+        predict_split(model, tokenizer, split, feature_cache=cache, progress=False)
+    model.config.image_size = 32
+    cache, why_not = open_feature_cache(model, tmp_path / "cache")
+    assert cache is None and "was made with another transform" in why_not
