@@ -98,11 +98,19 @@ class FeatureCache:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer: features of other weights are other features."""
+    """SHA-256 of every parameter and buffer: features of other weights are other features.
+
+    Floating-point tensors are hashed rounded to float16, the cache's own precision, so
+    that a checkpoint stored in half precision still matches the features its float32
+    weights made.
+    """
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
