@@ -215,6 +215,14 @@ def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_B
     return results, skipped
 
 
+def _output_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output folder {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def write_evaluation(out: str | Path, split: VQASplit, results: list[dict], skipped: list[dict] | None = None,
                      source: dict | None = None) -> dict | None:
     """Write results.json, metrics.json (annotated splits), skipped_images.json (if any),
@@ -222,8 +230,7 @@ def write_evaluation(out: str | Path, split: VQASplit, results: list[dict], skip
 
     Questions on skipped images have no answer: the metrics cover the other questions.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(out)
     skipped = skipped or []
     (out / RESULTS_FILE).write_text(json.dumps(results))
     for name in (METRICS_FILE, SKIPPED_FILE):
@@ -249,6 +256,7 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
                    log=print) -> tuple[dict | None, list[dict]]:
     """What `training/evaluate.py` does: predict with `checkpoint` (or read `results_file`),
     score when annotations exist, and write everything into `out`. Returns (metrics, skipped)."""
+    _output_folder(out)  # before the work, not after it
     data = load_split(dataset, split, questions, annotations, images if checkpoint is not None else None,
                       skip_bad_images)
     source = {"Data": f"{dataset} {split}" if dataset else str(questions)}
@@ -272,7 +280,8 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
         source["Results file"] = str(results_file)
     if skipped:
         lost = sum(len(s["question_ids"]) for s in skipped)
-        log(f"warning: skipped {len(skipped)} unreadable images ({lost} questions unanswered, not scored); "
+        log(f"warning: skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} "
+            f"({lost} questions unanswered, not scored); "
             f"listed in {Path(out) / SKIPPED_FILE}")
     metrics = write_evaluation(out, data, results, skipped, source)
     return metrics, skipped

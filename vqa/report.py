@@ -76,7 +76,8 @@ def write_report(out: str | Path, split: VQASplit, results: list[dict], metrics:
     lines += [f"- {k}: `{v}`" for k, v in source.items()]
     lines.append(f"- Questions answered: {len(results)} of {len(split.records)}")
     if skipped:
-        lines.append(f"- **{len(skipped)} images could not be read and were skipped** "
+        lines.append(f"- **{len(skipped)} image{'s' if len(skipped) != 1 else ''} could not be read and "
+                     f"{'were' if len(skipped) != 1 else 'was'} skipped** "
                      f"({skipped_questions} questions unanswered and not scored; listed below)")
     if metrics is None:
         (out / CHART_FILE).unlink(missing_ok=True)
