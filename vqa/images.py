@@ -7,6 +7,7 @@ downscaled (PIL's draft mode) and so use bounded memory.
 """
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from .errors import InputError
 MAX_PIXELS = 40_000_000  # e.g. 8000 x 5000
 MAX_BYTES = 50 * 1024 * 1024
 
-# PIL's own guard, raised to ours: we check sizes ourselves, before decoding.
+# PIL's own guard, raised to ours: we check sizes ourselves, before decoding, so its warning
+# for sizes between MAX_PIXELS and 2 x MAX_PIXELS says nothing new.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _describe(source) -> str:
@@ -49,12 +52,18 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
             raise InputError(f"{name} is {len(data)} bytes, over the limit of {MAX_BYTES}")
         try:
             image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except Image.DecompressionBombError as error:  # over 2 x MAX_PIXELS: PIL refuses it on opening
+            raise InputError(f"{name} is over the limit of {MAX_PIXELS} pixels ({error})") from error
+        except UnidentifiedImageError as error:
+            raise InputError(f"{name} is not a readable image (not a format PIL recognises)") from error
+        except (OSError, ValueError) as error:
             raise InputError(f"{name} is not a readable image ({error})") from error
     width, height = image.size
     if width * height > MAX_PIXELS:
         if image.format == "JPEG":
-            image.draft("RGB", (4000, 4000))  # decode at 1/2, 1/4 or 1/8 scale
+            # Decode at 1/2, 1/4 or 1/8 scale, the least reduction that fits the limit.
+            scale = next((s for s in (2, 4, 8) if width * height <= MAX_PIXELS * s * s), 8)
+            image.draft("RGB", (width // scale, height // scale))
         if image.size[0] * image.size[1] > MAX_PIXELS:
             raise InputError(
                 f"{name} is {width}x{height} = {width * height} pixels, over the limit of {MAX_PIXELS}"

@@ -1,0 +1,210 @@
+"""The Gradio app, served for real in a subprocess and driven through gradio_client and HTTP."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import easy_vqa
+import pytest
+from PIL import Image
+
+from conftest import ROOT, SHIPPED_CHECKPOINT, draw_shape
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+QUESTION = "what color is the shape?"
+ANSWERS = set(easy_vqa.get_answers())
+CHECKPOINT = SHIPPED_CHECKPOINT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not (CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"the shipped checkpoint {CHECKPOINT} is not there (train it with training/train.py)")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio-cache"))}
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--checkpoint", str(CHECKPOINT)],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if http_get(url)[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"app.py did not serve within 180 s:\n{log.read_text()}")
+    yield {"url": url, "process": process, "log": log}
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server["url"], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = {}
+    for color, shape in [("red", "circle"), ("blue", "rectangle"), ("yellow", "circle")]:
+        paths[color] = folder / f"{color}.png"
+        draw_shape(color, shape, seed=len(paths)).save(paths[color])
+    paths["corrupt"] = folder / "corrupt.png"
+    paths["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n but then not an image at all")
+    paths["empty"] = folder / "empty.png"
+    paths["empty"].write_bytes(b"")
+    from test_predict import png_claiming_size
+
+    paths["huge"] = folder / "huge.png"
+    paths["huge"].write_bytes(png_claiming_size(20000, 20000))
+    return paths
+
+
+def confidences(label: dict) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in label["confidences"]}
+
+
+def test_predict_answers_easy_vqa_test_questions(client):
+    import easy_vqa
+
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    picks = range(0, len(questions), len(questions) // 12)[:12]
+    correct = 0
+    for i in picks:
+        label = client.predict(handle_file(paths[image_ids[i]]), questions[i], api_name="/predict")
+        scores = confidences(label)
+        assert len(scores) == 5 and label["label"] == next(iter(scores))
+        assert list(scores.values()) == sorted(scores.values(), reverse=True)
+        assert all(0 < p <= 1 for p in scores.values()) and sum(scores.values()) <= 1 + 1e-6
+        correct += label["label"] == answers[i]
+    assert correct >= 10, f"{correct} of 12 right"
+
+
+def test_predict_on_a_drawn_shape(client, images):
+    label = client.predict(handle_file(images["red"]), QUESTION, api_name="/predict")
+    assert label["label"] == "red"
+
+
+def test_explain_returns_a_heatmap_image(client, images):
+    path = client.predict(handle_file(images["blue"]), QUESTION, api_name="/explain")
+    with Image.open(path) as heatmap:
+        assert heatmap.size == (256, 256) and heatmap.mode == "RGB"
+
+
+def test_many_questions_give_one_row_each(client, images):
+    questions = [QUESTION, "is there a circle?", "", "what shape is in the image?"]
+    table = client.predict(handle_file(images["yellow"]), "\n".join(questions), api_name="/predict_many")
+    rows = table["data"]
+    assert [row[0] for row in rows] == [q for q in questions if q]
+    assert rows[0][1] == "yellow" and rows[1][1] == "yes"
+    assert all(0 < row[2] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("image, question, message", [
+    (None, QUESTION, "no image"),
+    ("red", "", "question is empty"),
+    ("red", "   ", "question is empty"),
+    ("red", "x" * 301, "301 characters long, over the limit of 300"),
+    ("red", "what\x00color", "NUL byte"),
+    ("corrupt", QUESTION, "corrupt.png is not a readable image"),
+    ("empty", QUESTION, "empty.png is empty (0 bytes)"),
+    ("huge", QUESTION, "huge.png is over the limit of 40000000 pixels"),
+])
+def test_bad_input_gives_its_message_and_the_server_keeps_answering(client, server, images, image, question, message):
+    with pytest.raises(AppError, match=re.escape(message)) as raised:
+        client.predict(handle_file(images[image]) if image else None, question, api_name="/predict")
+    assert str(server["log"].parent) not in str(raised.value) and "/gradio-cache" not in str(raised.value)
+    label = client.predict(handle_file(images["red"]), QUESTION, api_name="/predict")
+    assert label["label"] in ANSWERS and len(label["confidences"]) == 5
+    assert server["process"].poll() is None
+
+
+def test_bad_input_to_many_questions_and_explain_gives_its_message(client, images):
+    with pytest.raises(AppError, match="no questions"):
+        client.predict(handle_file(images["red"]), "\n  \n", api_name="/predict_many")
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict(handle_file(images["corrupt"]), QUESTION, api_name="/explain")
+
+
+def test_concurrent_users_with_some_mistakes_all_get_their_own_answer(server, images):
+    """16 users at once; the ones with a mistake get an error, every other one its answer."""
+    jobs = [("red", QUESTION, "red"), ("blue", QUESTION, "blue"), ("yellow", QUESTION, "yellow"),
+            ("red", "", None), ("corrupt", QUESTION, None)] * 3 + [("blue", QUESTION, "blue")]
+    results = [None] * len(jobs)
+
+    def user(i, image, question):
+        try:
+            results[i] = Client(server["url"], verbose=False).predict(
+                handle_file(images[image]), question, api_name="/predict")["label"]
+        except AppError as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=user, args=(i, image, question)) for i, (image, question, _) in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for (image, question, expected), result in zip(jobs, results):
+        if expected is None:
+            assert isinstance(result, AppError), (image, question, result)
+        else:
+            assert result == expected, (image, question, result)
+
+
+@pytest.mark.parametrize("path", [
+    "../../etc/passwd",
+    "../../../../../../../../etc/passwd",
+    "..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/etc/passwd",
+    "//etc/passwd",
+    "app.py",
+    "./app.py",
+    str(ROOT / "app.py"),
+    str(ROOT / "vqa" / "predict.py"),
+    str(SHIPPED_CHECKPOINT / "config.json"),
+    str(SHIPPED_CHECKPOINT / "model.safetensors"),
+    "checkpoints/easy-vqa/config.json",
+    str(ROOT / ".git" / "config"),
+])
+def test_files_outside_the_app_are_refused(server, path):
+    for route in ("gradio_api/file=", "file="):
+        status, body = http_get(server["url"] + route + path)
+        assert status in (403, 404), (route, path, status)
+        for secret in (b"root:", b"def build_demo", b'"id2label"', b"[core]", b'"dtype"'):
+            assert secret not in body, (route, path)

@@ -1,0 +1,89 @@
+"""The app in a real browser: headless Debian Chromium driven by playwright.
+
+Set UPDATE_SCREENSHOT=1 to also save the page, after an answer, to docs/screenshot.png.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, draw_shape
+from test_app import ANSWERS, server  # noqa: F401  (the served-app fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def page(server):  # noqa: F811
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(server["url"])
+        page.wait_for_selector("#image input[type=file]", state="attached")
+        yield page
+        browser.close()
+
+
+def top_answer(page) -> str:
+    return page.locator("#answers [data-testid=label-output-value]").inner_text().strip()
+
+
+def ask(page, question: str) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#ask").click()
+
+
+def test_upload_ask_and_see_the_answer_and_heatmap(page, tmp_path):
+    image = tmp_path / "red-circle.png"
+    draw_shape("red", "circle", seed=4).save(image)
+    page.locator("#image input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#image img")
+    ask(page, "what color is the shape?")
+
+    page.wait_for_selector("#answers [data-testid=label-output-value]")
+    assert top_answer(page) == "red"
+    bars = page.locator("#answers [data-testid$=-confidence-set]")
+    assert bars.count() == 5
+    heatmap = page.locator("#heatmap img")
+    heatmap.wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#heatmap img').naturalWidth > 0")
+    assert heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
+
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        shutil.copyfile(shot, ROOT / "docs" / "screenshot.png")
+
+
+def test_enter_submits_and_mistakes_show_the_message(page):
+    page.locator("#question textarea").fill("is there a circle?")
+    page.locator("#question textarea").press("Enter")
+    page.wait_for_function(
+        "() => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === 'yes'")
+
+    ask(page, "   ")
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="the question is empty")
+    toast.first.wait_for(state="visible")
+    assert top_answer(page) == "yes"  # the last good answer stays
+
+    ask(page, "what shape is in the image?")
+    page.wait_for_function(
+        "() => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === 'circle'")
+
+
+def test_an_example_fills_the_inputs_and_is_answered(page):
+    page.locator("#examples table tbody tr").first.click()
+    page.wait_for_function(
+        "() => document.querySelector('#question textarea').value === 'what is the red shape?'")
+    page.locator("#ask").click()
+    page.wait_for_function(
+        "() => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === 'triangle'")
+    assert top_answer(page) in ANSWERS

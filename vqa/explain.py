@@ -1,0 +1,158 @@
+"""Where the model looked for its answer: an occlusion-sensitivity heatmap.
+
+Occlusion sensitivity (Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional
+Networks", section 4.2): a square patch slides over the model's input; at each position it
+is painted in the image's background colour (the median of the border pixels) and the drop
+in the top answer's probability is recorded. A pixel's heat is the mean drop over the
+patches that cover it, each weighted by a Hann window centred on the patch. Covering
+background changes nothing; covering the object the answer depends on removes it, so the
+heat sits on that object.
+
+Why not Grad-CAM: the easy-VQA model sees 64x64 images through MobileNetV3-small, whose last
+feature map is 2x2. Measured on synthetic one-shape images (tests/conftest.py draw_shape)
+with a trained easy-VQA checkpoint, mean heat inside the shape's box over mean heat outside
+it, median over 32 image-question pairs: Grad-CAM on the last stage 0.75, on the stride-8
+stage 3.6 (under 1 on some images), on a 4x upscaled input 5.7 (under 0.1 on some),
+SmoothGrad 2.3, gradient x input 2.8; occlusion 9.0, and above 1.8 on every pair.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from torchvision import transforms
+
+GRID = 14  # patch positions along each side
+PATCH_FRACTION = 0.2  # patch side, as a fraction of the model's input side
+CHUNK = 64  # occluded images per forward pass
+MIN_DROP = 1e-3  # smaller probability drops count as none (batched and single passes differ by ~1e-7)
+DISPLAY_SIDE = (256, 1024)  # the overlay's longest side is brought into this range
+COLORMAP = "jet"
+
+
+@dataclass
+class Explanation:
+    answer: str
+    probability: float
+    heatmap: np.ndarray  # (H, W) float32 in [0, 1], at the input image's size
+    overlay: Image.Image  # the image with the heatmap blended over it, sized for display
+
+
+def occlusion_map(model, pixels: torch.Tensor, input_ids: list[int], target: int | None = None,
+                  grid: int = GRID, patch_fraction: float = PATCH_FRACTION) -> tuple[np.ndarray, int, float]:
+    """(heat (S, S) in [0, 1] over the model's input, target answer index, its probability).
+
+    `pixels` is one transformed image (3, S, S); `target` defaults to the top answer.
+    """
+    _, height, width = pixels.shape
+    patch_h = max(1, round(height * patch_fraction))
+    patch_w = max(1, round(width * patch_fraction))
+    tops = np.unique(np.linspace(0, height - patch_h, grid).round().astype(int))
+    lefts = np.unique(np.linspace(0, width - patch_w, grid).round().astype(int))
+    positions = [(top, left) for top in tops for left in lefts]
+    border = torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1)  # (3, 2H+2W)
+    fill = border.median(dim=1).values[:, None, None]  # (3, 1, 1): the background colour
+
+    device = next(model.parameters()).device
+    ids = torch.tensor(input_ids, device=device)
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:  # (N, A)
+        n = len(images)
+        logits = model(
+            input_ids=ids.expand(n, -1),
+            lengths=torch.full((n,), len(input_ids)),
+            image_index=torch.arange(n, device=device),
+            pixel_values=images.to(device),
+        ).logits
+        return logits.float().softmax(dim=-1).cpu()
+
+    with torch.inference_mode():
+        base = probabilities(pixels[None])[0]
+        target = int(base.argmax()) if target is None else target
+        drops = []
+        for start in range(0, len(positions), CHUNK):
+            chunk = positions[start:start + CHUNK]
+            occluded = pixels.repeat(len(chunk), 1, 1, 1)  # (n, 3, S, S)
+            for row, (top, left) in enumerate(chunk):
+                occluded[row, :, top:top + patch_h, left:left + patch_w] = fill
+            drops.append((base[target] - probabilities(occluded)[:, target]).clamp(min=0))
+    drops = torch.cat(drops).numpy()
+    drops[drops < MIN_DROP] = 0.0
+
+    # Each patch spreads its drop with a Hann window, centre-weighted, so the map is smooth
+    # instead of showing the patch grid.
+    window = np.outer(np.hanning(patch_h + 2)[1:-1], np.hanning(patch_w + 2)[1:-1])
+    heat = np.zeros((height, width), np.float64)
+    weight = np.zeros((height, width), np.float64)
+    for drop, (top, left) in zip(drops, positions):
+        heat[top:top + patch_h, left:left + patch_w] += drop * window
+        weight[top:top + patch_h, left:left + patch_w] += window
+    heat = heat / np.maximum(weight, 1e-6)
+    if heat.max() > 0:
+        heat = heat / heat.max()
+    return heat.astype(np.float32), target, float(base[target])
+
+
+def model_view_box(transform, width: int, height: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the part of a width x height image the model sees.
+
+    Follows the Resize and CenterCrop steps of the (timm / torchvision) eval transform.
+    """
+    left, top, scale_x, scale_y = 0.0, 0.0, 1.0, 1.0  # original = offset + current * scale
+    w, h = width, height
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, transforms.Resize):
+            size = step.size
+            if isinstance(size, int) or len(size) == 1:
+                short = size if isinstance(size, int) else size[0]
+                new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+            else:
+                new_h, new_w = size
+            scale_x, scale_y = scale_x * w / new_w, scale_y * h / new_h
+            w, h = new_w, new_h
+        elif isinstance(step, transforms.CenterCrop):
+            crop_h, crop_w = step.size
+            left += round((w - crop_w) / 2) * scale_x
+            top += round((h - crop_h) / 2) * scale_y
+            w, h = crop_w, crop_h
+    return left, top, left + w * scale_x, top + h * scale_y
+
+
+def to_image_size(heat: np.ndarray, box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """Heat over the model's view, upsampled into its box of a width x height image (0 outside)."""
+    left, top, right, bottom = (round(v) for v in box)
+    out = np.zeros((height, width), np.float32)
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    resized = np.asarray(Image.fromarray(heat).resize((right - left, bottom - top), Image.BILINEAR))
+    out[y0:y1, x0:x1] = resized[y0 - top:y1 - top, x0 - left:x1 - left]
+    return np.clip(out, 0.0, 1.0)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.7) -> Image.Image:
+    """The image with the heatmap blended over it, resized for display.
+
+    Colour opacity grows with the heat, so cold regions show the image unchanged.
+    """
+    width, height = image.size
+    low, high = DISPLAY_SIDE
+    longest = max(width, height)
+    scale = low / longest if longest < low else high / longest if longest > high else 1.0
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    base = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC), np.float32) / 255.0
+    heat = np.asarray(Image.fromarray(heat).resize(size, Image.BILINEAR))
+    colours = colormaps[COLORMAP](np.clip(heat, 0.0, 1.0))[..., :3]
+    weight = alpha * np.clip(heat, 0.0, 1.0)[..., None]  # (H, W, 1)
+    blended = (1 - weight) * base + weight * colours
+    return Image.fromarray((blended * 255).round().astype(np.uint8))
+
+
+def explain_answer(model, transform, image: Image.Image, input_ids: list[int], answers: list[str]) -> Explanation:
+    """Occlusion heatmap of the top answer for an RGB image and a tokenized question."""
+    heat, target, probability = occlusion_map(model, transform(image), input_ids)
+    width, height = image.size
+    heatmap = to_image_size(heat, model_view_box(transform, width, height), width, height)
+    return Explanation(answers[target], probability, heatmap, overlay(image, heatmap))
