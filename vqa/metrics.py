@@ -8,7 +8,9 @@ does around it:
 - Results must answer exactly the split's questions (loadRes asserts set equality).
   Duplicated ids, which loadRes lets the last one win, are refused here as ambiguous.
 - Aggregates are `round(100 * sum(accs) / len(accs), 2)` with a plain left-to-right
-  float sum, in the order of the split's records.
+  float sum, in the order of the split's records (the script sums in the order of the
+  annotations file; the last bit can differ when the two files list questions in
+  different orders).
 - The script runs on Python 2.7, whose round() rounds the exact binary value of the
   float and sends exact halves away from zero: round(0.125, 2) == 0.13 where Python 3
   gives 0.12, and round(2.675, 2) == 2.67 on both (2.675 is 2.67499999... in binary).
@@ -27,7 +29,7 @@ _SHOWN = 5  # how many offending ids or positions an error message names
 
 
 def official_round(value: float, digits: int = DIGITS) -> float:
-    """Python 2.7's round(value, digits), which produced every published VQA figure."""
+    """Python 2.7's round(value, digits): the rounding of every figure the official script reports."""
     # Decimal(float) is the float's exact binary value, so only true halves round up.
     return float(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
