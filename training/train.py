@@ -2,7 +2,9 @@
 
     # the shipped easy-VQA checkpoint (about 10 minutes on a 2-core CPU)
     python training/train.py --dataset easy-vqa --output-dir checkpoints/easy-vqa \\
-        --backbone mobilenetv3_small_100 --image-size 64 --crop-pct 1.0 --epochs 8
+        --backbone resnet10t --image-size 64 --crop-pct 1.0 --embed-dim 64 --lstm-hidden 128 \\
+        --common-dim 512 --classifier-hidden 512 --dropout 0 --epochs 8 \\
+        --learning-rate 2e-3 --backbone-learning-rate 5e-4 --save-half
 
     # VQA v2-layout files, on all GPUs of a machine
     torchrun --nproc-per-node 4 training/train.py --dataset files \\
@@ -35,11 +37,9 @@ def parse_args(argv=None) -> TrainOptions:
         if f.name in ("command", "pretrained", "freeze_backbone", "resume", "skip_bad_images", "save_half"):
             continue
         default = getattr(defaults, f.name)
-        kind = {"int": int, "float": float}.get(type(default).__name__, str)
-        if f.name in ("image_size", "max_train_questions"):
-            kind = int
-        elif f.name == "crop_pct":
-            kind = float
+        # The field's annotation says the type: "int", "float | None", "str | None", ...
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
     parser.add_argument("--pretrained", nargs="?", const=True, default=False,
                         help="ImageNet weights: from the local timm/Hugging Face cache, or the given .safetensors file")

@@ -62,6 +62,7 @@ class TrainOptions:
     epochs: float = 10
     batch_size: int = 128  # questions per step and process
     learning_rate: float = 1e-3
+    backbone_learning_rate: float | None = None  # a trained-from-scratch CNN wants less than the heads
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 5.0
@@ -162,6 +163,17 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def optimizer_for(model: VQAModel, options: TrainOptions) -> torch.optim.Optimizer:
+    """AdamW with the backbone in its own group, so that it can learn at its own rate."""
+    backbone = [p for p in model.image_encoder.backbone.parameters() if p.requires_grad]
+    in_backbone = {id(p) for p in backbone}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
+    groups = [{"params": heads, "lr": options.learning_rate}]
+    if backbone:
+        groups.append({"params": backbone, "lr": options.backbone_learning_rate or options.learning_rate})
+    return torch.optim.AdamW(groups, lr=options.learning_rate, weight_decay=options.weight_decay)
 
 
 class VQATrainer(Trainer):
@@ -293,7 +305,7 @@ def train(options: TrainOptions) -> dict:
     trainer = VQATrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
         data_collator=VQACollator(images, len(answer_index)), compute_metrics=vqa_accuracy_metric,
-        callbacks=[stop],
+        callbacks=[stop], optimizers=(optimizer_for(model, options), None),
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.received is not None:
