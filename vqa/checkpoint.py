@@ -129,6 +129,12 @@ def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, car
             (tmp / CARD_FILE).write_text(card)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
+        # mkdtemp makes a private folder; give the checkpoint the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
