@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction; default: the backbone's")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass and process")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="decoding processes per process; default: up to 8 per GPU, 1 on a CPU")
+                        help="decoding processes per process; default: up to 8 per GPU, none on a CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

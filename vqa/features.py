@@ -258,6 +258,23 @@ class _ImageFiles(Dataset):
             raise DataError(f"cannot extract features: {error}") from error
 
 
+def _one_thread_each(batches):
+    """Yield from `batches`, making each on one thread. Preprocessing one image at a time
+    (uint8 -> float, normalise) gains nothing from intra-op threads and loses ~3 ms per
+    image to starting them; DataLoader workers are single-threaded already."""
+    iterator = iter(batches)
+    threads = torch.get_num_threads()
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield batch
+
+
 def _run_backbone(model, image_ids: list[int], image_paths: dict[int, Path], writer: _CacheWriter,
                   batch_size: int, num_workers: int, device: torch.device, progress: bool) -> None:
     backbone = model.image_encoder.backbone
@@ -272,6 +289,8 @@ def _run_backbone(model, image_ids: list[int], image_paths: dict[int, Path], wri
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if on_cuda and torch.cuda.is_bf16_supported() else nullcontext())
     batches = tqdm(loader, desc="extracting features", unit="batch", disable=not progress)
+    if num_workers == 0:
+        batches = _one_thread_each(batches)
     try:
         with torch.inference_mode(), autocast:
             for start, pixels in zip(range(0, len(image_ids), batch_size), batches):
@@ -316,10 +335,15 @@ def _default_device(model) -> torch.device:
 
 
 def default_num_workers(device: torch.device) -> int:
-    """Decoding processes: several per GPU; on a CPU one, which decodes while the CNN computes."""
+    """Decoding processes. A GPU waits for JPEG decoding: up to 8 per GPU, one core kept for
+    the process itself. On a CPU, none: decoding (~4 CPU ms per COCO image) is a tenth of a
+    ResNet forward pass and a worker would take its core from the CNN's threads
+    (benchmarks/bench_extract.py)."""
+    if device.type != "cuda":
+        return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return min(8, per_process - 1) if device.type == "cuda" else min(1, per_process - 1)
+    return min(8, per_process - 1)
 
 
 def extract_features(model, image_paths: dict[int, Path], folder: str | Path, batch_size: int = 64,

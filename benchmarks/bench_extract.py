@@ -1,0 +1,132 @@
+"""Feature extraction speed: extract_features against the backbone's own forward pass.
+
+    python benchmarks/bench_extract.py                       # 200 COCO-sized JPEGs, resnet18 at 224
+    python benchmarks/bench_extract.py --images 100 --backbone resnet50 --workers 0 1 2 --threads 1
+
+Both runs see the same images in the same batches. The forward-only run gets tensors
+decoded beforehand, so the ratio (extraction time / forward time) is what decoding,
+preprocessing, the DataLoader and the cache writes add. Goal: <= 1.2.
+Random weights: the speed of a backbone does not depend on its weights.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vqa.config import VQAConfig  # noqa: E402
+from vqa.features import extract_features  # noqa: E402
+from vqa.images import open_image  # noqa: E402
+from vqa.model import VQAModel  # noqa: E402
+
+
+def make_jpegs(folder: Path, count: int, seed: int = 0) -> dict[int, Path]:
+    """COCO-like files: 640x480, shapes over a noisy gradient, JPEG quality 90 (~100 KB)."""
+    rng = np.random.default_rng(seed)
+    paths = {}
+    for n in range(count):
+        y, x = np.mgrid[0:480, 0:640]
+        base = np.stack([x * 255 / 640, y * 255 / 480, np.full_like(x, rng.integers(0, 255))], -1)
+        noise = rng.normal(0, 20, (480, 640, 3))
+        image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(8):
+            x0, y0 = rng.integers(0, 600), rng.integers(0, 440)
+            draw.ellipse((x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)),
+                         fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        image = image.filter(ImageFilter.GaussianBlur(1))
+        path = folder / f"COCO_val2014_{n:012d}.jpg"
+        image.save(path, quality=90)
+        paths[n] = path
+    return paths
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of run()."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    run()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def forward_only(backbone, batches: list[torch.Tensor]) -> None:
+    with torch.inference_mode():
+        for pixels in batches:
+            backbone(pixels)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader workers to try")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each kind; the fastest counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = VQAModel(VQAConfig(backbone=args.backbone, image_size=args.image_size, freeze_backbone=True)).eval()
+    backbone = model.image_encoder.backbone
+    transform = model.image_transform()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        paths = make_jpegs(tmp / "images", args.images)
+        ids = sorted(paths)
+        size_kb = np.mean([p.stat().st_size for p in paths.values()]) / 1024
+        print(f"{args.images} JPEGs 640x480 (mean {size_kb:.0f} KB), {args.backbone} at {args.image_size}, "
+              f"batch {args.batch_size}, {torch.get_num_threads()} torch threads")
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as extract_features decodes (see vqa.features._one_thread_each)
+        started = time.perf_counter()
+        decoded = [transform(open_image(paths[i])) for i in ids]
+        decode_s = time.perf_counter() - started
+        torch.set_num_threads(threads)
+        batches = [torch.stack(decoded[s : s + args.batch_size]) for s in range(0, len(ids), args.batch_size)]
+        forward_only(backbone, batches[:1])  # warm-up: oneDNN builds its kernels on the first call
+
+        forward_s, forward_cpu = min(timed(lambda: forward_only(backbone, batches)) for _ in range(args.repeats))
+        print(f"decode + preprocess alone: {decode_s / len(ids) * 1000:.1f} ms/image, one process")
+        print(f"backbone forward only:     {len(ids) / forward_s:7.1f} images/s, {forward_cpu / len(ids) * 1000:.0f} "
+              "CPU ms/image")
+        results = {}
+        for workers in args.workers:
+            runs = []
+            for repeat in range(args.repeats):
+                folder = tmp / f"cache-{workers}-{repeat}"
+                runs.append(timed(lambda: extract_features(model, paths, folder, batch_size=args.batch_size,
+                                                           progress=False, num_workers=workers)))
+            wall, cpu = results[workers] = min(runs)
+            print(f"extract_features, {workers} workers: {len(ids) / wall:7.1f} images/s, {wall / forward_s:.2f}x "
+                  f"the forward pass; {cpu / len(ids) * 1000:.0f} CPU ms/image, {cpu / forward_cpu:.2f}x")
+        forward_again = min(timed(lambda: forward_only(backbone, batches)) for _ in range(args.repeats))[0]
+        if abs(forward_again - forward_s) > 0.1 * forward_s:
+            print(f"note: the forward pass took {forward_again / forward_s:.2f}x as long when measured again: "
+                  "other work shares this CPU, wall-clock ratios are uncertain by that much")
+        best = min(results, key=lambda w: results[w][0])
+        print(f"best: {best} workers, {results[best][0] / forward_s:.2f}x the forward pass's time (goal <= 1.2x); "
+              f"load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
