@@ -234,7 +234,7 @@ def test_answer_logits_equal_the_model_forward(model_and_split):
         expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         features = model.image_encoder.features(batch["pixel_values"])
         questions, rows = encode_questions(model, dataset.input_ids, chunk=3)
-        logits = answer_logits(model, features, batch["image_index"], questions, rows[batch["question_index"]], chunk=5)
+        logits = answer_logits(model, features, batch["image_index"], questions, rows[batch["question_index"]])
     assert questions.shape[0] == len({r["question"] for r in split.records}) < len(split.records)
     assert logits.shape == expected.shape == (16, len(model.config.answers))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", help="folder of the images (COCO_<subtype>_<id>.jpg or <id>.png)")
     parser.add_argument("--feature-cache", help="feature cache folder, used when the backbone is frozen")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="images per CNN pass, questions per question/classifier pass")
+                        help="images per CNN pass (their questions go through the classifier together)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip (and list) images that cannot be read instead of stopping")
     parser.add_argument("--out", required=True, help="output folder")

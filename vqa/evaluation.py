@@ -27,7 +27,7 @@ from .text import pad_questions
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.json"
 SKIPPED_FILE = "skipped_images.json"
-DEFAULT_BATCH_SIZE = 256  # images per CNN pass; questions per question-encoder and classifier pass
+DEFAULT_BATCH_SIZE = 256  # images per CNN pass (the questions on them go in one pass); questions per encoder pass
 
 
 def load_split(dataset: str | None = None, split: str = "test", questions=None, annotations=None, images=None,
@@ -93,7 +93,7 @@ def encode_questions(model, input_ids: list[list[int]], chunk: int = DEFAULT_BAT
 
 
 def answer_logits(model, image_features: torch.Tensor, image_index: torch.Tensor, questions: torch.Tensor,
-                  question_index: torch.Tensor, chunk: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+                  question_index: torch.Tensor) -> torch.Tensor:
     """VQAModel.forward's logits (B, A) from encoded questions.
 
     image_features: (N, F) pooled CNN features; image_index: (B,) row of each pair's image;
@@ -101,8 +101,7 @@ def answer_logits(model, image_features: torch.Tensor, image_index: torch.Tensor
     """
     images = model.image_encoder(image_features)  # (N, C)
     # The fusion and classifier of VQAModel.forward; tests check that both give the same logits.
-    return torch.cat([model.classifier(images[image_index[s : s + chunk]] * questions[question_index[s : s + chunk]])
-                      for s in range(0, len(image_index), chunk)])  # (B, A)
+    return model.classifier(images[image_index] * questions[question_index])  # (B, A)
 
 
 def _image_blocks(records: list[dict], size: int):
@@ -205,7 +204,7 @@ def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_B
             features = model.image_encoder.features(block["pixel_values"].to(device))  # one CNN pass per image
         row = {image_id: r for r, image_id in enumerate(kept)}
         image_index = torch.tensor([row[dataset.records[p]["image_id"]] for p in positions], device=device)
-        logits = answer_logits(model, features, image_index, questions, question_row[positions], chunk=batch_size)
+        logits = answer_logits(model, features, image_index, questions, question_row[positions])
         for position, top in zip(positions, logits.argmax(-1).tolist()):
             predicted[dataset.records[position]["question_id"]] = answers[top]
         bar.update(len(positions))
