@@ -118,6 +118,8 @@ def test_sampler_groups_questions_of_an_image_and_reshuffles(vqa_v2_files, easy_
     assert first != second  # a new order each epoch
     sampler.set_epoch(0)
     assert list(sampler) == first  # reproducible from (seed, epoch)
+    trimmed = ImageGroupedSampler(dataset, seed=3, drop_tail=5)
+    assert len(trimmed) == 15 and list(trimmed) == first[:15]
 
 
 def test_collator_pads_scores_and_loads_each_image_once(vqa_v2_files, easy_vqa_tokenizer):

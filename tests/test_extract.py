@@ -17,7 +17,6 @@ from conftest import ROOT, draw_shape, make_vqa_v2_files
 
 from vqa.checkpoint import read_card
 from vqa.features import FeatureCache
-from vqa.model import VQAModel
 
 EXTRACT = ROOT / "training" / "extract_features.py"
 TRAIN = ROOT / "training" / "train.py"
@@ -110,10 +109,6 @@ def loss_curve(output_dir: Path) -> list[dict]:
     return [{k: h[k] for k in ("step", "loss", "eval_loss", "eval_vqa_accuracy") if k in h} for h in history]
 
 
-@pytest.mark.xfail(getattr(VQAModel, "accepts_loss_kwargs", True), strict=True,
-                   reason="VQAModel.forward takes **kwargs, so the Trainer believes the model normalises its loss "
-                          "by the global item count and multiplies it by the number of processes under DDP; "
-                          "VQAModel needs `accepts_loss_kwargs = False`")
 def test_torchrun_training_follows_the_single_process_loss_curve(tmp_path):
     """Two processes with batch 2 each take the same steps as one process with batch 4.
 

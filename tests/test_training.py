@@ -114,8 +114,21 @@ def test_sigkill_at_any_point_then_resume_reaches_the_same_accuracy(tmp_path, da
 
             VQAModel.from_pretrained(checkpoint)  # the last complete checkpoint loads
     assert not out.exists()  # nothing final was written by the killed runs
-    result = run_train(out, *data, "--epochs", "6", "--resume")
-    assert "Continuing training from checkpoint" in result.stdout + result.stderr or last_complete_checkpoint(work)
+    saved = last_complete_checkpoint(work)
+    assert saved is not None  # the second kill came after at least one complete save
+    saved_step = json.loads((saved / "trainer_state.json").read_text())["global_step"]
+    before = set(work.glob("runs/*/events.out.tfevents.*"))
+    run_train(out, *data, "--epochs", "6", "--resume")
+    # The resumed run logged (to TensorBoard files of its own) only steps after the saved one.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in set(work.glob("runs/*/events.out.tfevents.*")) - before:
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            steps += [e.step for e in events.Scalars("train/loss")]
+    assert steps and min(steps) > saved_step
     resumed, uninterrupted = read_card(out), read_card(trained)
     assert abs(resumed["val_accuracy"] - uninterrupted["val_accuracy"]) <= 0.3
     assert abs(resumed["test_accuracy"] - uninterrupted["test_accuracy"]) <= 0.3

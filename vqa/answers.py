@@ -7,6 +7,7 @@ training targets (`answer_scores`) and the metric (`vqa.metrics`) both call it.
 
 import re
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 CONTRACTIONS = {
@@ -61,6 +62,7 @@ def clean_whitespace(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+@lru_cache(maxsize=1 << 16)  # answers repeat a lot: VQA v2 has ~4.4M of them
 def process_punctuation(text: str) -> str:
     out = text
     for p in PUNCTUATION:
@@ -73,12 +75,14 @@ def process_punctuation(text: str) -> str:
     return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
+@lru_cache(maxsize=1 << 16)  # answers repeat a lot: VQA v2 has ~4.4M of them
 def process_digit_article(text: str) -> str:
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words)
 
 
+@lru_cache(maxsize=1 << 16)  # answers repeat a lot: VQA v2 has ~4.4M of them
 def normalize_answer(text: str) -> str:
     """Full official normalisation of one answer ("Two dogs." -> "2 dogs")."""
     return process_digit_article(process_punctuation(clean_whitespace(text)))

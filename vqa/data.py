@@ -288,9 +288,12 @@ class ImageGroupedSampler(Sampler[int]):
     process draws the same order and takes its own share of the batches.
     """
 
-    def __init__(self, dataset: QuestionDataset, seed: int = 0):
+    def __init__(self, dataset: QuestionDataset, seed: int = 0, drop_tail: int | None = None):
         self.seed = seed
         self.epoch = 0
+        # With drop_tail=B, an epoch yields a multiple of B questions: the partial last batch,
+        # which may hold a single image (BatchNorm cannot train on that), is left out.
+        self.drop_tail = drop_tail
         groups: dict[int, list[int]] = {}
         for i, record in enumerate(dataset.records):
             groups.setdefault(record["image_id"], []).append(i)
@@ -300,7 +303,8 @@ class ImageGroupedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return sum(len(g) for g in self.groups)
+        total = sum(len(g) for g in self.groups)
+        return total - total % self.drop_tail if self.drop_tail else total
 
     def __iter__(self) -> Iterator[int]:
         order = list(range(len(self.groups)))
@@ -308,5 +312,5 @@ class ImageGroupedSampler(Sampler[int]):
         # Not every wrapper forwards set_epoch (accelerate's shard under DDP does not):
         # counting passes keeps each epoch's order new and the same on every process.
         self.epoch += 1
-        for g in order:
-            yield from self.groups[g]
+        indices = [i for g in order for i in self.groups[g]]
+        yield from indices[: len(self)]

@@ -6,10 +6,11 @@ common space with Linear + tanh, multiplied elementwise, and classified over the
 top answers.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+import huggingface_hub
 import timm
 import torch
 import torch.nn.functional as F
@@ -32,21 +33,17 @@ def create_backbone(name: str, pretrained: bool | str = False) -> nn.Module:
     if pretrained is False:
         return timm.create_model(name, pretrained=False, num_classes=0)
     if pretrained is True:
-        previous = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as error:  # timm raises several types for a missing cache entry
-            raise CheckpointError(
-                f"no pretrained weights for timm model {name!r} in the local timm/Hugging Face cache "
-                f"({type(error).__name__}: {error}). Put them in the cache, pass the path of a weights "
-                "file instead, or train from scratch with --no-pretrained."
-            ) from error
-        finally:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its constant, so that only
+        # the local cache is looked at (no network retries, no fallback to pickle files).
+        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+            try:
+                return timm.create_model(name, pretrained=True, num_classes=0)
+            except Exception as error:  # timm raises several types for a missing cache entry
+                raise CheckpointError(
+                    f"no pretrained weights for timm model {name!r} in the local timm/Hugging Face cache "
+                    f"({type(error).__name__}: {error}). Put them in the cache, pass the path of a "
+                    ".safetensors weights file instead, or train from scratch without --pretrained."
+                ) from error
     path = Path(pretrained)
     if not path.is_file():
         raise CheckpointError(f"backbone weights file not found: {path}")
@@ -112,6 +109,9 @@ class VQAModel(PreTrainedModel):
     config_class = VQAConfig
     base_model_prefix = "vqa"
     main_input_name = "input_ids"
+    # forward() takes **kwargs only to ignore extra batch keys; without this the Trainer
+    # would treat the loss as a sum and scale it by the number of DDP processes.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: VQAConfig, pretrained_backbone: bool | str = False):
         super().__init__(config)

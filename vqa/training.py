@@ -180,7 +180,8 @@ class VQATrainer(Trainer):
     """Trainer whose training batches group questions by image (one CNN pass per image)."""
 
     def _get_train_sampler(self, *args, **kwargs):
-        return ImageGroupedSampler(self.train_dataset, seed=self.args.seed)
+        return ImageGroupedSampler(self.train_dataset, seed=self.args.seed,
+                                   drop_tail=self.args.per_device_train_batch_size * self.args.world_size)
 
 
 def plot_curves(log_history: list[dict], path: Path) -> Path:
@@ -293,8 +294,6 @@ def train(options: TrainOptions) -> dict:
         bf16=use_cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not use_cuda,
         dataloader_num_workers=options.num_workers,
-        # A tail batch can hold one image, and BatchNorm cannot train on a single value per channel.
-        dataloader_drop_last=True,
         dataloader_pin_memory=use_cuda,
         remove_unused_columns=False,
         label_names=["labels"],
