@@ -52,3 +52,8 @@ def test_vocabulary_is_top_k_normalised_answers_most_frequent_first():
     lists = [["Yes"] * 10, ["yes."] * 5 + ["no"] * 5, ["two"] * 10, ["2"] * 3 + ["dog"] * 7]
     assert build_answer_vocabulary(lists, 3) == ["yes", "2", "dog"]
     assert build_answer_vocabulary(lists, 100) == ["yes", "2", "dog", "no"]
+
+
+def test_only_ascii_digits_count_as_digits():
+    # Python 2's \d (the official script) is 0-9: an Arabic-Indic digit does not keep the period.
+    assert normalize_answer("1.\u0663") == "1\u0663"

@@ -51,8 +51,9 @@ PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
                ">", "<", "@", "`", ",", "?", "!"]
 # The official pattern reads "(?!<=\d)": a typo for a look-behind, so it constrains nothing.
 # A period is dropped unless a digit follows it ("3.5" keeps it, "yes." loses it).
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# re.ASCII: the official script is Python 2, where \d means 0-9 only.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)", re.ASCII)
 # The official script passes re.UNICODE (== 32) as `count` to re.sub: at most 32 periods go.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 

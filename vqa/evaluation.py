@@ -100,8 +100,7 @@ def answer_logits(model, image_features: torch.Tensor, image_index: torch.Tensor
     questions: (U, C) from `encode_questions`; question_index: (B,) row of each pair's question.
     """
     images = model.image_encoder(image_features)  # (N, C)
-    # The fusion and classifier of VQAModel.forward; tests check that both give the same logits.
-    return model.classifier(images[image_index] * questions[question_index])  # (B, A)
+    return model.answer_logits(images[image_index], questions[question_index])  # (B, A)
 
 
 def _image_blocks(records: list[dict], size: int):

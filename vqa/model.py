@@ -130,6 +130,10 @@ class VQAModel(PreTrainedModel):
         # Keep PyTorch's and timm's own initialisation (and any pretrained backbone weights).
         pass
 
+    def answer_logits(self, image: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """Fusion by elementwise product, then the classifier: (B, C) x (B, C) -> (B, A)."""
+        return self.classifier(image * question)
+
     def image_transform(self):
         """timm's eval preprocessing for this backbone, at the configured size."""
         args = {}
@@ -156,7 +160,7 @@ class VQAModel(PreTrainedModel):
             image_features = self.image_encoder.features(pixel_values)
         image = self.image_encoder(image_features)[image_index]  # (B, C)
         question = self.question_encoder(input_ids, lengths)  # (B, C)
-        logits = self.classifier(image * question)  # (B, A)
+        logits = self.answer_logits(image, question)
         loss = None
         if labels is not None:
             # Soft cross-entropy: each answer weighted by its VQA score (0 for answers outside the vocabulary).

@@ -310,6 +310,12 @@ def train(options: TrainOptions) -> dict:
     if stop.received is not None:
         raise TrainingInterrupted(f"stopped by {stop.received}; the last checkpoint is in {work}: "
                                   "run the same command with --resume to continue")
+    if options.save_half:
+        # Measure what is stored: the card's accuracy is that of the float16 weights.
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
     val_metrics = trainer.evaluate()
     facts = {
         "dataset": options.dataset if options.dataset == "easy-vqa" else full_train.name,
