@@ -1,7 +1,7 @@
 """The Gradio demo: ask a question about an image, see the top answers and where the model looked.
 
     python app.py                                   # checkpoints/easy-vqa on http://127.0.0.1:7860
-    python app.py --checkpoint DIR --host 0.0.0.0 --port 8080 [--share]
+    python app.py --checkpoint DIR --host 0.0.0.0 --port 8080 [--share] [--threads 1]
 
 API (gradio_client): "/predict" (image, question) -> top answers, "/explain" (image, question)
 -> heatmap, "/predict_many" (image, questions one per line) -> table.
@@ -96,9 +96,15 @@ def model_markdown(facts: dict) -> str:
     lines.append(f"- **Parameters**: {facts['parameters']:,}")
     lines.append("")
     lines.append("It only knows these answers and was trained on simple coloured shapes: on photos its "
-                 "answers are guesses. The heatmap shows occlusion sensitivity: how much the top answer's "
-                 "probability drops when that part of the image is covered.")
+                 "answers are guesses. The heatmap shows occlusion sensitivity: how much the model's confidence in "
+                 "its top answer changes when that part of the image is covered.")
     return "\n".join(lines)
+
+
+def blank(image) -> bool:
+    """True when every pixel has the colour of the first one (an untouched canvas)."""
+    extrema = image.convert("RGB").getextrema()
+    return all(low == high for low, high in extrema)
 
 
 def build_demo(predictor: Predictor) -> gr.Blocks:
@@ -131,7 +137,7 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
     def predict_sketch(sketch, question):
         composite = sketch.get("composite") if isinstance(sketch, dict) else None
         try:
-            if composite is None or _blank(composite):
+            if composite is None or blank(composite):
                 raise InputError("nothing drawn: draw a coloured shape, then ask")
             answers = batcher.answer(composite, question, DEFAULT_TOP_K)
             return answers, predictor.explain(composite, question).overlay
@@ -199,12 +205,6 @@ def build_demo(predictor: Predictor) -> gr.Blocks:
               [sketch_answers, sketch_heatmap], api_visibility="private", concurrency_limit=2,
               concurrency_id="explain")
     return demo
-
-
-def _blank(image) -> bool:
-    """True when every pixel has the colour of the first one (an untouched canvas)."""
-    extrema = image.convert("RGB").getextrema()
-    return all(low == high for low, high in extrema)
 
 
 def load_predictor(folder: str) -> Predictor:

@@ -9,6 +9,10 @@ Reported per level of concurrency: p50 / p95 latency of a request seen by the cl
 requests/s. Model time: in this process, with the app idle, the Predictor's forward pass
 on one prepared request (no image decoding), and a whole Predictor.answer (decoding
 included). Goals: model p50 <= 50 ms; p95 at 16 clients <= 3 x the p50 of one client.
+
+--gradio-floor also runs the same load against a Gradio app with the same inputs and output
+whose function returns a constant: what Gradio and gradio_client cost with no model at all
+(gradio_client checks for each result every 50 ms, so one client's p50 is at least ~50 ms).
 """
 
 import argparse
@@ -22,6 +26,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,13 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(checkpoint: str | Path, port: int | None = None, timeout: float = 180.0):
-    """(process, url) of `python app.py` once it serves; its output goes to a temporary log file."""
+CONSTANT_APP = """
+import sys, gradio as gr
+with gr.Blocks() as demo:
+    image, question, answers, ask = gr.Image(type="filepath"), gr.Textbox(), gr.Label(), gr.Button()
+    ask.click(lambda image, question: {"red": 0.9, "blue": 0.1}, [image, question], answers, api_name="predict",
+              preprocess=False, concurrency_limit=16)
+demo.queue(max_size=256).launch(server_port=int(sys.argv[1]))
+"""
+
+
+def start_app(checkpoint: str | Path | None, port: int | None = None, timeout: float = 180.0,
+              extra_args: list[str] | None = None):
+    """(process, url) of `python app.py` once it serves, or of CONSTANT_APP when checkpoint is None.
+
+    The server's output goes to a temporary log file.
+    """
     port = port or free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="app-", suffix=".log", delete=False)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if checkpoint is None:
+        command = [sys.executable, "-c", CONSTANT_APP, str(port)]
+    else:
+        command = [sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port), *(extra_args or [])]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,8 +105,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def model_time(checkpoint, requests: list[tuple[str, str]], repeats: int) -> dict[str, float]:
+def model_time(checkpoint, requests: list[tuple[str, str]], repeats: int, threads: int) -> dict[str, float]:
     """Milliseconds: p50 / p95 of the forward pass alone and of a whole Predictor.answer."""
+    torch.set_num_threads(threads)  # as the app runs it
     predictor = Predictor.from_checkpoint(checkpoint)
     prepared = [predictor.prepare(image, question) for image, question in requests]
     for request in prepared[:5]:  # warm-up
@@ -145,23 +169,33 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per client and level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--model-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for the model timing and the app")
+    parser.add_argument("--gradio-floor", action="store_true", help="also load a Gradio app that runs no model")
     args = parser.parse_args()
 
     requests = easy_vqa_requests(64)
-    model = model_time(args.checkpoint, requests, args.model_repeats)
+    model = model_time(args.checkpoint, requests, args.model_repeats, args.threads)
     print(f"model: forward p50 {model['forward_p50']:.1f} ms, p95 {model['forward_p95']:.1f} ms; "
           f"Predictor.answer (with image decoding) p50 {model['answer_p50']:.1f} ms, p95 {model['answer_p95']:.1f} ms")
 
-    process, url = start_app(args.checkpoint)
-    try:
-        run_clients(url, 1, requests, 5)  # warm-up
-        levels = [run_clients(url, clients, requests, args.requests) for clients in args.clients]
-    finally:
-        stop_app(process)
-    for level in levels:
-        print(f"{level['clients']:>3} clients: {level['requests']} requests, {level['failures']} failed, "
-              f"p50 {level['p50']:.0f} ms, p95 {level['p95']:.0f} ms, {level['per_second']:.1f} requests/s"
-              + (f" (first failure: {level['first_failure']})" if level["failures"] else ""))
+    def load(checkpoint) -> list[dict]:
+        process, url = start_app(checkpoint, extra_args=["--threads", str(args.threads)])
+        try:
+            run_clients(url, 1, requests, 5)  # warm-up
+            return [run_clients(url, clients, requests, args.requests) for clients in args.clients]
+        finally:
+            stop_app(process)
+
+    def report(name: str, levels: list[dict]) -> None:
+        for level in levels:
+            print(f"{name}, {level['clients']:>2} clients: {level['requests']} requests, {level['failures']} failed, "
+                  f"p50 {level['p50']:.0f} ms, p95 {level['p95']:.0f} ms, {level['per_second']:.1f} requests/s"
+                  + (f" (first failure: {level['first_failure']})" if level["failures"] else ""))
+
+    levels = load(args.checkpoint)
+    report("app.py", levels)
+    if args.gradio_floor:
+        report("no-model Gradio app", load(None))
 
     single = next((level for level in levels if level["clients"] == 1), None)
     busiest = max(levels, key=lambda level: level["clients"])

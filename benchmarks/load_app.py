@@ -8,8 +8,8 @@ request is, at random (seeded), a good one (an easy-VQA test image and question)
 one (empty or over-long question, NUL byte, corrupt, empty or 20000x20000 image, no image).
 Reported: failures of good requests (goal 0) and bad requests that were answered instead of
 refused (goal 0), p50 / p95 latency of good requests, requests/s, and the server process's
-resident memory once it serves, after a warm-up, and at the end (goal: growth < 10 % from
-the warm-up to the end).
+resident memory once it serves, after a warm-up, every tenth of the run and at the end
+(goal: growth < 10 %).
 """
 
 import argparse
@@ -66,7 +66,8 @@ def main() -> None:
     server = psutil.Process(process.pid)
     try:
         rss_start = server.memory_info().rss
-        run_clients(url, 2, good, 25)  # warm-up: every code path of a good request has run
+        # Warm-up at full concurrency: every worker thread and batch size has run once.
+        run_clients(url, args.clients, good, 4)
         rss_warm = server.memory_info().rss
 
         sessions = [Client(url, verbose=False, ssl_verify=False) for _ in range(args.clients)]
@@ -107,6 +108,11 @@ def main() -> None:
         began = time.perf_counter()
         for thread in threads:
             thread.start()
+        rss_series = []  # every tenth of the run: a leak keeps climbing, a warm-up levels off
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(min(1.0, args.duration / 10))
+            if len(rss_series) < 10 and time.perf_counter() - began >= (len(rss_series) + 1) * args.duration / 10:
+                rss_series.append(server.memory_info().rss)
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - began
@@ -128,6 +134,7 @@ def main() -> None:
     growth = (rss_end - rss_warm) / rss_warm * 100
     print(f"server resident memory: {rss_start / mib:.0f} MiB serving, {rss_warm / mib:.0f} MiB after warm-up, "
           f"{rss_end / mib:.0f} MiB at the end: {growth:+.1f} % since warm-up (goal < 10 %)")
+    print("server resident memory every tenth of the run (MiB): " + " ".join(f"{r / mib:.0f}" for r in rss_series))
     print(f"server still running at the end: {alive}")
 
 

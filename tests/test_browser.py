@@ -7,10 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
+import easy_vqa
 import pytest
+from PIL import Image
 
 from conftest import ROOT, draw_shape
-from test_app import ANSWERS, server  # noqa: F401  (the served-app fixture)
+from test_app import server  # noqa: F401  (the served-app fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -25,7 +27,7 @@ def page(server):  # noqa: F811
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(20_000)
         page.goto(server["url"])
         page.wait_for_selector("#image input[type=file]", state="attached")
         yield page
@@ -43,7 +45,7 @@ def ask(page, question: str) -> None:
 
 def test_upload_ask_and_see_the_answer_and_heatmap(page, tmp_path):
     image = tmp_path / "red-circle.png"
-    draw_shape("red", "circle", seed=4).save(image)
+    draw_shape("red", "circle", seed=4).resize((256, 256), Image.NEAREST).save(image)  # 64 px, shown larger
     page.locator("#image input[type=file]").set_input_files(str(image))
     page.wait_for_selector("#image img")
     ask(page, "what color is the shape?")
@@ -63,20 +65,25 @@ def test_upload_ask_and_see_the_answer_and_heatmap(page, tmp_path):
         shutil.copyfile(shot, ROOT / "docs" / "screenshot.png")
 
 
-def test_enter_submits_and_mistakes_show_the_message(page):
-    page.locator("#question textarea").fill("is there a circle?")
-    page.locator("#question textarea").press("Enter")
+def wait_for_answer(page, answer: str) -> None:
     page.wait_for_function(
-        "() => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === 'yes'")
+        "answer => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === answer",
+        arg=answer)
+
+
+def test_enter_submits_and_mistakes_show_the_message(page):
+    page.locator("#image input[type=file]").set_input_files(easy_vqa.get_test_image_paths()[0])  # a red triangle
+    page.locator("#question textarea").fill("does the image contain a triangle?")
+    page.locator("#question textarea").press("Enter")
+    wait_for_answer(page, "yes")
 
     ask(page, "   ")
     toast = page.locator("[data-testid=toast-body]").filter(has_text="the question is empty")
     toast.first.wait_for(state="visible")
     assert top_answer(page) == "yes"  # the last good answer stays
 
-    ask(page, "what shape is in the image?")
-    page.wait_for_function(
-        "() => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === 'circle'")
+    ask(page, "does the image contain a circle?")
+    wait_for_answer(page, "no")
 
 
 def test_an_example_fills_the_inputs_and_is_answered(page):
@@ -84,6 +91,4 @@ def test_an_example_fills_the_inputs_and_is_answered(page):
     page.wait_for_function(
         "() => document.querySelector('#question textarea').value === 'what is the red shape?'")
     page.locator("#ask").click()
-    page.wait_for_function(
-        "() => document.querySelector('#answers [data-testid=label-output-value]')?.innerText.trim() === 'triangle'")
-    assert top_answer(page) in ANSWERS
+    wait_for_answer(page, "triangle")  # easy-VQA's answer: its first test image holds a red triangle
