@@ -1,8 +1,14 @@
 """Shared test data: a tiny checkpoint and small VQA v2-layout files, made offline."""
 
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -103,3 +109,51 @@ def tiny_checkpoint(tmp_path_factory, easy_vqa_answers, easy_vqa_tokenizer) -> P
 @pytest.fixture
 def vqa_v2_files(tmp_path) -> dict:
     return make_vqa_v2_files(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """app.py on the shipped checkpoint, in a subprocess on a free port (shared by the app and browser tests)."""
+    if not (SHIPPED_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"the shipped checkpoint {SHIPPED_CHECKPOINT} is not there (train it with training/train.py)")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio-cache"))}
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--checkpoint", str(SHIPPED_CHECKPOINT)],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if http_get(url)[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"app.py did not serve within 180 s:\n{log.read_text()}")
+    yield {"url": url, "process": process, "log": log}
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()

@@ -1,20 +1,13 @@
 """The Gradio app, served for real in a subprocess and driven through gradio_client and HTTP."""
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import easy_vqa
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHIPPED_CHECKPOINT, draw_shape
+from conftest import ROOT, SHIPPED_CHECKPOINT, draw_shape, http_get
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -22,54 +15,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 QUESTION = "what color is the shape?"
 ANSWERS = set(easy_vqa.get_answers())
-CHECKPOINT = SHIPPED_CHECKPOINT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not (CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip(f"the shipped checkpoint {CHECKPOINT} is not there (train it with training/train.py)")
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio-cache"))}
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--checkpoint", str(CHECKPOINT)],
-                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if http_get(url)[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"app.py did not serve within 180 s:\n{log.read_text()}")
-    yield {"url": url, "process": process, "log": log}
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @pytest.fixture(scope="module")

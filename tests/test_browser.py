@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, draw_shape
-from test_app import server  # noqa: F401  (the served-app fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not i
 
 
 @pytest.fixture(scope="module")
-def page(server):  # noqa: F811
+def page(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
