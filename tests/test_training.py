@@ -168,3 +168,19 @@ def test_bad_dataset_arguments_exit_2_with_a_message(tmp_path):
                             cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert "error: --dataset files needs --train-questions" in result.stderr
+
+
+def test_unreadable_training_image_fails_by_name_or_is_skipped_on_request(tmp_path):
+    files = make_vqa_v2_files(tmp_path / "data", n_images=12, subtype="train2014", seed=3)
+    broken = sorted(files["images"].iterdir())[0]
+    broken.write_bytes(b"\xff\xd8 not really a JPEG")
+    data = ["--dataset", "files", "--train-questions", str(files["questions"]),
+            "--train-annotations", str(files["annotations"]), "--train-images", str(files["images"]),
+            "--epochs", "1", "--val-fraction", "0.25"]
+    failed = subprocess.run(train_command(tmp_path / "strict", *data), capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert failed.returncode == 2 and broken.name in failed.stderr and "--skip-bad-images" in failed.stderr
+    result = run_train(tmp_path / "lenient", *data, "--skip-bad-images")
+    assert "skipped 1 unreadable images" in result.stderr and broken.name in result.stderr
+    card = read_card(tmp_path / "lenient")
+    assert card["skipped_images"] == 1 and card["train_questions"] + card["val_questions"] == 22
