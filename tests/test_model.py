@@ -110,8 +110,10 @@ def test_extending_answers_keeps_the_old_rows(model):
 
 
 def test_pretrained_weights_are_never_downloaded(tmp_path):
+    # Asking for ImageNet weights looks only in the local cache (offline), never on the hub:
+    # with an empty cache the answer is a clear error, at once.
     with pytest.raises(CheckpointError, match="local timm/Hugging Face cache"):
-        create_backbone("test_resnet", pretrained=True)
+        create_backbone("test_resnet", True)
     with pytest.raises(CheckpointError, match="not found"):
         create_backbone("test_resnet", pretrained=str(tmp_path / "missing.safetensors"))
     pickle_file = tmp_path / "weights.pth"
