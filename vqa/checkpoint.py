@@ -119,11 +119,10 @@ def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, car
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        state = None
         if half:
-            import copy
-
-            model = copy.deepcopy(model).to(torch.float16)
-        model.save_pretrained(tmp)
+            state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save(tmp)
         if card is not None:
             (tmp / CARD_FILE).write_text(card)

@@ -218,15 +218,25 @@ class ImageSource:
         return {"pixel_values": torch.stack([self.pixels(i) for i in image_ids])}
 
 
-def drop_bad_images(split: VQASplit) -> VQASplit:
-    """Opt-in (--skip-bad-images): decode every image once and drop those that fail,
-    with their questions. The dropped files are listed in `skipped_images`."""
+def unreadable_images(image_paths: dict[int, Path], image_ids) -> dict[int, str]:
+    """{image_id: why it cannot be used} for those of `image_ids` that have no file or do not decode."""
     bad = {}
-    for image_id, path in split.image_paths.items():
+    for image_id in image_ids:
+        path = image_paths.get(image_id)
+        if path is None:
+            bad[image_id] = f"no image file for image_id {image_id}"
+            continue
         try:
             open_image(path)
         except InputError as error:
             bad[image_id] = f"{path}: {error}"
+    return bad
+
+
+def drop_bad_images(split: VQASplit) -> VQASplit:
+    """Opt-in (--skip-bad-images): decode every image once and drop those that fail,
+    with their questions. The dropped files are listed in `skipped_images`."""
+    bad = unreadable_images(split.image_paths, split.image_paths)
     if not bad:
         return split
     kept = split.subset([i for i in split.image_ids if i not in bad], split.name)

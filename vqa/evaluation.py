@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import ImageSource, QuestionDataset, VQASplit, index_image_folder, load_easy_vqa, load_vqa_split
+from .data import (ImageSource, QuestionDataset, VQASplit, index_image_folder, load_easy_vqa, load_vqa_split,
+                   unreadable_images)
 from .errors import DataError, InputError
 from .features import MATCHING_FIELDS, FeatureCache, cache_meta
-from .images import open_image
 from .metrics import evaluate_results, load_results
 from .report import write_report
 from .text import pad_questions
@@ -117,21 +117,6 @@ def _image_blocks(records: list[dict], size: int):
         yield image_ids, positions
 
 
-def _find_bad_images(images: ImageSource, image_ids: list[int]) -> dict[int, str]:
-    """{image_id: why it cannot be used} for a block that failed to load as a whole."""
-    bad = {}
-    for image_id in image_ids:
-        path = images.image_paths.get(image_id)
-        if path is None:
-            bad[image_id] = f"no image file for image {image_id}"
-            continue
-        try:
-            images.transform(open_image(path))
-        except InputError as error:
-            bad[image_id] = str(error)
-    return bad
-
-
 @torch.inference_mode()
 def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_BATCH_SIZE,
                   feature_cache: FeatureCache | None = None, skip_bad_images: bool = False,
@@ -179,7 +164,7 @@ def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_B
             block = images.batch(kept) if kept else None  # each image of the block once
         except (InputError, DataError):
             # Which images failed is worked out only now: the common path reads each image once.
-            more = _find_bad_images(images, kept) if skip_bad_images and feature_cache is None else {}
+            more = unreadable_images(split.image_paths, kept) if skip_bad_images and feature_cache is None else {}
             if not more:
                 raise
             bad.update(more)

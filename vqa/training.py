@@ -220,7 +220,7 @@ def train(options: TrainOptions) -> dict:
     skipped = []
     if options.skip_bad_images:
         full_train = drop_bad_images(full_train)
-        skipped = full_train.skipped_images
+        skipped = list(full_train.skipped_images)
         if test is not None and test.image_paths:
             test = drop_bad_images(test)
             skipped += test.skipped_images
@@ -256,15 +256,18 @@ def train(options: TrainOptions) -> dict:
     config = model.config
     answer_index = config.label2id
 
-    transform = model.image_transform()
-    images = ImageSource({**full_train.image_paths}, transform)
-    test_images = ImageSource(test.image_paths, transform) if test is not None else None
+    test_images = None
     if config.freeze_backbone:
         cache_dir = Path(options.feature_cache or out.with_name(out.name + ".features"))
         cache = extract_features(model, full_train.image_paths, cache_dir / "train")
         images = ImageSource(full_train.image_paths, feature_cache=cache)
         if test is not None and test.image_paths:
             test_images = ImageSource(test.image_paths, feature_cache=extract_features(model, test.image_paths, cache_dir / "test"))
+    else:
+        transform = model.image_transform()
+        images = ImageSource(full_train.image_paths, transform)
+        if test is not None:
+            test_images = ImageSource(test.image_paths, transform)
 
     max_tokens = config.max_question_tokens
     train_set = QuestionDataset(train_part, tokenizer, answer_index, max_tokens)
