@@ -151,8 +151,9 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, data):
     work = Path(f"{out}.trainer")
     process = subprocess.Popen(train_command(out, *data, "--epochs", "200"), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (work / "tokenizer.model").exists())
-    time.sleep(3)
+    # Training has begun (its TensorBoard file exists), so the signal handler is installed.
+    wait_for(lambda: list(work.glob("runs/*/events.out.tfevents.*")))
+    time.sleep(1)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
