@@ -1,7 +1,8 @@
-"""Feature extraction speed: extract_features against the backbone's own forward pass.
+"""Feature extraction speed: extract_features against the model's own forward pass (model.image_features).
 
     python benchmarks/bench_extract.py                       # 200 COCO-sized JPEGs, resnet18 at 224
     python benchmarks/bench_extract.py --images 100 --backbone resnet50 --workers 0 1 2 --threads 1
+    python benchmarks/bench_extract.py --attention-glimpses 2 --output-stride 16    # spatial maps
 
 Both runs see the same images in the same batches. The forward-only run gets tensors
 decoded beforehand, so the ratio (extraction time / forward time) is what decoding,
@@ -21,12 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vqa.config import VQAConfig  # noqa: E402
-from vqa.features import extract_features  # noqa: E402
-from vqa.images import open_image  # noqa: E402
-from vqa.model import VQAModel  # noqa: E402
+from vqa.config import VQAConfig
+from vqa.extraction import extract_features
+from vqa.images import open_image
+from vqa.model import VQAModel
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> dict[int, Path]:
@@ -63,18 +62,20 @@ def timed(run) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
-def forward_only(backbone, batches: list[torch.Tensor]) -> None:
+def forward_only(model, batches: list[torch.Tensor]) -> None:
     with torch.inference_mode():
         for pixels in batches:
-            backbone(pixels)
+            model.image_features(pixels)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=200, help="JPEGs to make and extract")
+    parser.add_argument("--backbone", default="resnet18", help="timm model name")
+    parser.add_argument("--image-size", type=int, default=224, help="model input side in pixels")
+    parser.add_argument("--attention-glimpses", type=int, default=0, help="> 0: extract spatial maps, not pooled")
+    parser.add_argument("--output-stride", type=int, default=None, help="timm output_stride (8, 16): finer maps")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader workers to try")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each kind; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
@@ -83,8 +84,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = VQAModel(VQAConfig(backbone=args.backbone, image_size=args.image_size, freeze_backbone=True)).eval()
-    backbone = model.image_encoder.backbone
+    model = VQAModel(VQAConfig(backbone=args.backbone, image_size=args.image_size, freeze_backbone=True,
+                               attention_glimpses=args.attention_glimpses, output_stride=args.output_stride)).eval()
     transform = model.image_transform()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -92,21 +93,22 @@ def main(argv=None) -> int:
         paths = make_jpegs(tmp / "images", args.images)
         ids = sorted(paths)
         size_kb = np.mean([p.stat().st_size for p in paths.values()]) / 1024
-        print(f"{args.images} JPEGs 640x480 (mean {size_kb:.0f} KB), {args.backbone} at {args.image_size}, "
+        kind = f"maps, output stride {args.output_stride or 32}" if args.attention_glimpses else "pooled"
+        print(f"{args.images} JPEGs 640x480 (mean {size_kb:.0f} KB), {args.backbone} at {args.image_size} ({kind}), "
               f"batch {args.batch_size}, {torch.get_num_threads()} torch threads")
 
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as extract_features decodes (see vqa.features._one_thread_each)
+        torch.set_num_threads(1)  # as extract_features decodes (see vqa.extraction._one_thread_each)
         started = time.perf_counter()
         decoded = [transform(open_image(paths[i])) for i in ids]
         decode_s = time.perf_counter() - started
         torch.set_num_threads(threads)
         batches = [torch.stack(decoded[s : s + args.batch_size]) for s in range(0, len(ids), args.batch_size)]
-        forward_only(backbone, batches[:1])  # warm-up: oneDNN builds its kernels on the first call
+        forward_only(model, batches[:1])  # warm-up: oneDNN builds its kernels on the first call
 
-        forward_s, forward_cpu = min(timed(lambda: forward_only(backbone, batches)) for _ in range(args.repeats))
+        forward_s, forward_cpu = min(timed(lambda: forward_only(model, batches)) for _ in range(args.repeats))
         print(f"decode + preprocess alone: {decode_s / len(ids) * 1000:.1f} ms/image, one process")
-        print(f"backbone forward only:     {len(ids) / forward_s:7.1f} images/s, {forward_cpu / len(ids) * 1000:.0f} "
+        print(f"image_features only:       {len(ids) / forward_s:7.1f} images/s, {forward_cpu / len(ids) * 1000:.0f} "
               "CPU ms/image")
         results = {}
         for workers in args.workers:
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
             wall, cpu = results[workers] = min(runs)
             print(f"extract_features, {workers} workers: {len(ids) / wall:7.1f} images/s, {wall / forward_s:.2f}x "
                   f"the forward pass; {cpu / len(ids) * 1000:.0f} CPU ms/image, {cpu / forward_cpu:.2f}x")
-        forward_again = min(timed(lambda: forward_only(backbone, batches)) for _ in range(args.repeats))[0]
+        forward_again = min(timed(lambda: forward_only(model, batches)) for _ in range(args.repeats))[0]
         if abs(forward_again - forward_s) > 0.1 * forward_s:
             print(f"note: the forward pass took {forward_again / forward_s:.2f}x as long when measured again: "
                   "other work shares this CPU, wall-clock ratios are uncertain by that much")

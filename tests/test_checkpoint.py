@@ -2,10 +2,13 @@ import json
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
-from vqa.checkpoint import load_checkpoint, read_card, render_card, save_checkpoint
+from conftest import SHIPPED_CHECKPOINT
+from vqa.checkpoint import CARD_METADATA, load_checkpoint, read_card, render_card, save_checkpoint
 from vqa.errors import CheckpointError
 from vqa.model import VQAModel
 
@@ -113,7 +116,7 @@ def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path, tiny_checkpoint):
     (folder / "stale.txt").write_text("from the old checkpoint")
     save_checkpoint(model, tokenizer, folder, card=render_card({"test_accuracy": 99.9}, "second"))
     assert not (folder / "stale.txt").exists()
-    assert read_card(folder) == {"test_accuracy": 99.9}
+    assert read_card(folder) == {**CARD_METADATA, "test_accuracy": 99.9}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 
@@ -132,3 +135,123 @@ def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, tiny_checkpoint, monk
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+
+
+def test_card_round_trip_with_nested_facts(tmp_path, tiny_checkpoint):
+    facts = {
+        "dataset": "vqa-v2",
+        "test_accuracy": np.float64(61.27),  # as metrics code returns it
+        "test_questions": np.int64(214354),
+        "skipped_images": 0,
+        "init_from": None,
+        # Keys that plain YAML would read as booleans, null or numbers stay strings.
+        "test_accuracy_per_answer_type": {"yes/no": 80.1, "number": 40.0, "other": 52.3},
+        "test_accuracy_per_answer": {"yes": 81.5, "no": 79.0, "null": 1.0, "on": 2.0, "1": 3.0},
+        "families": [{"name": "colour", "accuracy": 99.5}, {"name": "shape", "accuracy": (98.0, 97.5)}],
+        "command": 'python training/train.py --output-dir "out dir" --note \'a: b # c\'',
+    }
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "out", card=render_card(facts, "# Body\n\ntext"))
+    card = read_card(folder)
+    expected = {k: v for k, v in facts.items() if v is not None}  # ModelCardData leaves None out
+    expected["families"][1]["accuracy"] = [98.0, 97.5]
+    assert card == {**CARD_METADATA, **expected}
+    assert type(card["test_accuracy"]) is float and type(card["test_questions"]) is int
+    # The Hub's own reader sees the same metadata and the body.
+    hub = ModelCard.load(folder / "README.md")
+    assert hub.data.library_name == "pytorch" and hub.data.pipeline_tag == "visual-question-answering"
+    assert hub.data.to_dict()["test_accuracy_per_answer"]["no"] == 79.0
+    assert hub.text.strip() == "# Body\n\ntext"
+    with pytest.raises(TypeError, match="model card fact .*PosixPath"):
+        render_card({"init_from": tmp_path}, "")
+
+
+def legacy_card_facts(text: str) -> dict:
+    """The reader this project used before YAML: one "key: JSON value" per line."""
+    lines, facts = text.splitlines(), {}
+    for line in lines[1:lines.index("---", 1)]:
+        key, _, value = line.partition(":")
+        try:
+            facts[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            facts[key.strip()] = value.strip()
+    return facts
+
+
+@pytest.mark.skipif(not (SHIPPED_CHECKPOINT / "README.md").is_file(), reason="no shipped model card")
+def test_the_shipped_card_reads_the_same_values():
+    legacy = legacy_card_facts((SHIPPED_CHECKPOINT / "README.md").read_text(encoding="utf-8"))
+    assert len(legacy) >= 10 and legacy["init_from"] is None and legacy["epochs"] == 8.0
+    card = read_card(SHIPPED_CHECKPOINT)
+    assert card == legacy
+    assert [type(v) for v in card.values()] == [type(v) for v in legacy.values()]
+
+
+def test_cards_without_metadata(tmp_path):
+    assert read_card(tmp_path) == {}  # no README.md
+    (tmp_path / "README.md").write_text("# just a title\n")
+    assert read_card(tmp_path) == {}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"---\ndataset: caf\xe9\n---\n", "is not UTF-8"),  # Latin-1, as some editors save
+    (b"---\ndataset: [unclosed\n---\n", "has unreadable metadata"),
+    (b"---\n- a list\n---\n", "has unreadable metadata"),
+])
+def test_unreadable_card_is_refused_by_name(copy_of, content, problem):
+    folder = copy_of()
+    (folder / "README.md").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"model card .*README.md {problem}"):
+        read_card(folder)
+    with pytest.raises(CheckpointError, match=f"README.md {problem}"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a sentencepiece model"])
+def test_empty_or_invalid_tokenizer_is_refused_by_name(copy_of, content):
+    folder = copy_of()
+    (folder / "tokenizer.model").write_bytes(content)
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("value, half", [(float("nan"), False), (float("-inf"), False), (1e5, True)])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_checkpoint, value, half):
+    # 1e5 is finite in float32 but over float16's largest value (65504): a half save stores inf.
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    name = f"classifier.{len(model.classifier) - 1}.weight"
+    with torch.no_grad():
+        model.state_dict()[name][3, 5] = value
+    folder = save_checkpoint(model, tokenizer, tmp_path / "bad", half=half)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' holds 1 NaN or infinite"):
+        load_checkpoint(folder)
+
+
+def test_leftovers_of_killed_saves_are_removed(tmp_path, tiny_checkpoint):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    leftovers = [".out.k3j_x9a2", ".out.old"]  # what mkdtemp and the old-copy step name
+    others = [".out.v2.k3j_x9a2", ".outer.k3j_x9a2", ".out.notes", "out.k3j_x9a2", "other"]
+    for name in leftovers + others:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".out.abcdefgh").write_text("a file, not a folder we made")
+    save_checkpoint(model, tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + [".out.abcdefgh", "out"])
+
+
+def test_a_save_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    # Killed after moving out -> .out.old and before moving the new one in: only .out.old holds it.
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "out", card="old")
+    folder.rename(tmp_path / ".out.old")
+    (tmp_path / ".out.a1b2c3d4").mkdir()  # the new one, maybe half written
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(VQAModel, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, tokenizer, folder, card="new")
+    assert (folder / "README.md").read_text() == "old"
+    load_checkpoint(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

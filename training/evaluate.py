@@ -27,21 +27,20 @@ skipped any. Exit status 2 with "error: ..." for bad data, results or checkpoint
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vqa.errors import VQAError  # noqa: E402
-from vqa.evaluation import DEFAULT_BATCH_SIZE, run_evaluation  # noqa: E402
-from vqa.report import format_summary  # noqa: E402
+from vqa.data import BUILTIN_DATASETS
+from vqa.errors import VQAError
+from vqa.evaluation import DEFAULT_BATCH_SIZE, run_evaluation
+from vqa.report import format_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint folder: predict with it")
     parser.add_argument("--results", help="results JSON to score instead of predicting")
-    parser.add_argument("--dataset", choices=["easy-vqa"], help="the built-in dataset")
-    parser.add_argument("--split", choices=["train", "test"], default="test", help="easy-VQA split")
+    parser.add_argument("--dataset", choices=list(BUILTIN_DATASETS), help="a built-in dataset")
+    parser.add_argument("--split", choices=["train", "val", "test"], default="test",
+                        help="split of the built-in dataset (easy-vqa has train and test)")
     parser.add_argument("--questions", help="VQA v2-layout questions JSON")
     parser.add_argument("--annotations", help="VQA v2-layout annotations JSON (absent: predict only)")
     parser.add_argument("--images", help="folder of the images (COCO_<subtype>_<id>.jpg or <id>.png)")
@@ -49,13 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="images per CNN pass (their questions go through the classifier together)")
     parser.add_argument("--skip-bad-images", action="store_true",
-                        help="skip (and list) images that cannot be read instead of stopping")
+                        help="skip (and list in OUT/skipped_images.json) images that cannot be read instead of stopping")
+    parser.add_argument("--allow-nonstandard-answers", action="store_true",
+                        help="accept annotations with other than 10 human answers per question (see vqa/answers.py)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.results is None):
         parser.error("give --checkpoint (to predict) or --results (to score a results file), not both")
     if (args.dataset is None) == (args.questions is None):
-        parser.error("give --dataset easy-vqa or --questions, not both")
+        parser.error("give --dataset NAME or --questions, not both")
     if args.results is not None and args.questions is not None and args.annotations is None:
         parser.error("scoring --results needs --annotations")
     return args
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
             args.out, checkpoint=args.checkpoint, results_file=args.results, dataset=args.dataset,
             split=args.split, questions=args.questions, annotations=args.annotations, images=args.images,
             feature_cache=args.feature_cache, batch_size=args.batch_size, skip_bad_images=args.skip_bad_images,
+            allow_nonstandard_answers=args.allow_nonstandard_answers,
             log=lambda message: print(message, file=sys.stderr),
         )
     except VQAError as error:

@@ -1,6 +1,6 @@
-"""Train or fine-tune a VQA model.
+"""Train or fine-tune a VQA model. Every option is described by `--help`.
 
-    # the shipped easy-VQA checkpoint (about 10 minutes on a 2-core CPU)
+    # the shipped easy-VQA checkpoint (about 4 minutes on a 2-core CPU)
     python training/train.py --dataset easy-vqa --output-dir checkpoints/easy-vqa \\
         --backbone resnet10t --image-size 64 --crop-pct 1.0 --embed-dim 64 --lstm-hidden 128 \\
         --common-dim 512 --classifier-hidden 512 --dropout 0 --epochs 8 \\
@@ -20,42 +20,31 @@
 """
 
 import argparse
+import dataclasses
 import sys
-from dataclasses import fields
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transformers import HfArgumentParser
 
-from vqa.errors import VQAError  # noqa: E402
-from vqa.training import TrainingInterrupted, TrainOptions, train  # noqa: E402
+from vqa.config import model_options
+from vqa.errors import VQAError
+from vqa.training import TrainingInterrupted, TrainOptions, train
+
+ModelOptions = dataclasses.make_dataclass(
+    "ModelOptions", [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+                     for f in model_options()])
 
 
-def parse_args(argv=None) -> TrainOptions:
-    defaults = TrainOptions()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainOptions):
-        if f.name in ("command", "pretrained", "freeze_backbone", "resume", "skip_bad_images", "save_half"):
-            continue
-        default = getattr(defaults, f.name)
-        # The field's annotation says the type: "int", "float | None", "str | None", ...
-        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
-    parser.add_argument("--pretrained", nargs="?", const=True, default=False,
-                        help="ImageNet weights: from the local timm/Hugging Face cache, or the given .safetensors file")
-    parser.add_argument("--freeze-backbone", action="store_true", help="keep the CNN fixed and cache its features")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this output dir")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="drop unreadable images and their questions (they are listed) instead of failing")
-    parser.add_argument("--save-half", action="store_true", help="store the final weights in float16")
-    args = parser.parse_args(argv)
-    return TrainOptions(**vars(args))
+def parse_args(argv=None) -> tuple[TrainOptions, dict]:
+    parser = HfArgumentParser((TrainOptions, ModelOptions), description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    options, model = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return options, dataclasses.asdict(model)
 
 
 def main(argv=None) -> int:
-    options = parse_args(argv)
+    options, model = parse_args(argv)
     try:
-        train(options)
+        train(options, model, ["training/train.py", *(sys.argv[1:] if argv is None else argv)])
     except VQAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

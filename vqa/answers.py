@@ -89,10 +89,17 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(clean_whitespace(text)))
 
 
+HUMAN_ANSWERS = 10  # answers per question in VQA v1/v2, which the metric below is built for
+
+
 def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """Official accuracy of one predicted answer against the (10) human answers.
 
     acc = mean over the leave-one-out subsets of the humans of min(1, matches / 3).
+    The rule assumes 10 answers: with n answers of which all match, each subset keeps n - 1
+    matches, so a perfect prediction scores min(1, (n - 1) / 3): 0 with one answer, 2/3
+    with two; datasets with one answer per question should repeat it 10 times (as
+    easy-VQA and the shapes world are read).
     Quirk kept from the official script: normalisation is applied only when the humans
     disagree; when all of them gave the same raw answer, prediction and answers are
     compared after whitespace cleaning alone.

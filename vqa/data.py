@@ -8,6 +8,7 @@ multiple_choice_answer. A `VQASplit` is the records plus where each image lives.
 import json
 import random
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .answers import answer_scores
+from .answers import HUMAN_ANSWERS, answer_scores
 from .errors import DataError, InputError
-from .images import open_image
+from .images import open_image, probe_image
 from .text import QuestionTokenizer, pad_questions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -30,8 +31,9 @@ _IMAGE_ID = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 class VQASplit:
     name: str
     records: list[dict]
-    image_paths: dict[int, Path]  # image_id -> file
-    skipped_images: list[str] = field(default_factory=list)  # filled only by skip_bad_images
+    image_paths: dict[int, Path]  # image_id -> file (images missing from the folder have none)
+    image_dir: Path | None = None  # where the images were looked for, for messages
+    skipped: list[dict] = field(default_factory=list)  # images screen_images skipped, with their questions
 
     @property
     def has_answers(self) -> bool:
@@ -48,6 +50,7 @@ class VQASplit:
             name,
             [r for r in self.records if r["image_id"] in keep],
             {i: p for i, p in self.image_paths.items() if i in keep},
+            self.image_dir,
         )
 
 
@@ -95,8 +98,13 @@ def load_vqa_split(
     annotations_file: str | Path | None = None,
     image_dir: str | Path | None = None,
     name: str | None = None,
+    allow_nonstandard_answers: bool = False,
 ) -> VQASplit:
-    """Read VQA v2-layout files. Without annotations (test-dev, test-std) records have no answers."""
+    """Read VQA v2-layout files. Without annotations (test-dev, test-std) records have no answers.
+
+    Every question must have HUMAN_ANSWERS (10) answers, which the official metric assumes,
+    unless `allow_nonstandard_answers`: then other counts are read with a warning.
+    """
     questions_file = Path(questions_file)
     data = read_json(questions_file, "questions")
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
@@ -138,6 +146,7 @@ def load_vqa_split(
             record["answer_type"] = _require(a, "answer_type", str, annotations_file, where)
             record["question_type"] = _require(a, "question_type", str, annotations_file, where)
             record["multiple_choice_answer"] = a.get("multiple_choice_answer", Counter(texts).most_common(1)[0][0])
+        _check_answer_counts(by_id.values(), annotations_file, allow_nonstandard_answers)
         missing = [qid for qid in by_id if qid not in annotated]
         if missing:
             raise DataError(
@@ -147,14 +156,26 @@ def load_vqa_split(
 
     image_paths = {}
     if image_dir is not None:
+        # Images missing from the folder get no path: screen_images applies the bad-image policy.
         index = index_image_folder(image_dir)
-        subtype = data.get("data_subtype", "")
-        for image_id in dict.fromkeys(r["image_id"] for r in records):
-            if image_id not in index:
-                expected = f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else f"{image_id}.png or .jpg"
-                raise DataError(f"image {image_id} not found in {image_dir} (expected a file such as {expected})")
-            image_paths[image_id] = index[image_id]
-    return VQASplit(name or data.get("data_subtype") or questions_file.stem, records, image_paths)
+        image_paths = {i: index[i] for i in dict.fromkeys(r["image_id"] for r in records) if i in index}
+    return VQASplit(name or data.get("data_subtype") or questions_file.stem, records, image_paths,
+                    Path(image_dir) if image_dir is not None else None)
+
+
+def _check_answer_counts(records, path: Path, allow: bool) -> None:
+    counts = Counter(len(r["answers"]) for r in records if "answers" in r)
+    odd = {n: c for n, c in sorted(counts.items()) if n != HUMAN_ANSWERS}
+    if not odd:
+        return
+    described = ", ".join(f"{c} with {n}" for n, c in odd.items())
+    message = (f"{path}: {sum(odd.values())} questions do not have {HUMAN_ANSWERS} human answers ({described}). "
+               f"The official metric averages min(1, matches / 3) over leave-one-out subsets of {HUMAN_ANSWERS}: "
+               "with n answers a perfect prediction scores min(1, (n - 1) / 3), 0 with one answer, and "
+               "training targets shrink alike. Repeat a single answer 10 times")
+    if not allow:
+        raise DataError(message + ", or pass --allow-nonstandard-answers to use them as they are")
+    warnings.warn(message + "; used as they are (--allow-nonstandard-answers)", stacklevel=3)
 
 
 def load_easy_vqa(split: str) -> VQASplit:
@@ -187,6 +208,55 @@ def load_easy_vqa(split: str) -> VQASplit:
     return VQASplit(f"easy-vqa-{split}", records, {int(k): Path(v) for k, v in paths.items()})
 
 
+BUILTIN_DATASETS = {"easy-vqa": ("train", "test"), "shapes-world": ("train", "val", "test")}
+
+
+def load_builtin(name: str, split: str) -> VQASplit:
+    """A built-in dataset (no download): easy-VQA, or the shapes world (generated on first use)."""
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown dataset {name!r}: the built-in ones are {', '.join(BUILTIN_DATASETS)}; "
+                        "give VQA v2-layout files otherwise")
+    if split not in BUILTIN_DATASETS[name]:
+        raise DataError(f"{name} has splits {', '.join(BUILTIN_DATASETS[name])}, not {split!r}")
+    if name == "easy-vqa":
+        return load_easy_vqa(split)
+    from .shapes_world import load_shapes_world
+
+    return load_shapes_world(split)
+
+
+EASY_VQA_PALETTE = ["#ff0000", "#00ff00", "#0000ff", "#ffff00", "#000000", "#a52a2a", "#808080", "#008080"]
+
+
+def builtin_palette(name: str) -> list[str]:
+    """Brush colours for drawing images like those of a built-in dataset (easy-VQA's otherwise)."""
+    if name == "shapes-world":
+        from .shapes_world import COLORS
+
+        return ["#%02x%02x%02x" % tuple(rgb) for rgb in COLORS.values()]
+    return EASY_VQA_PALETTE
+
+
+def builtin_examples(name: str, count: int) -> list[list[str]]:
+    """[image path, question] pairs from a built-in dataset's test split, one per image and
+    question type; [] for a dataset that is not built in."""
+    if name not in BUILTIN_DATASETS:
+        return []
+    split = load_builtin(name, "test")
+    examples, seen_images, seen_types = [], set(), set()
+    for record in split.records:
+        kind = record.get("question_type")
+        if record["image_id"] not in seen_images and kind not in seen_types:
+            seen_images.add(record["image_id"])
+            seen_types.add(kind)
+            examples.append([str(split.image_paths[record["image_id"]]), record["question"]])
+        if len(examples) == count:
+            break
+        if len(seen_types) == len({r.get("question_type") for r in split.records[:2000]}):
+            seen_types.clear()  # every type shown once: go round again
+    return examples
+
+
 def split_by_image(split: VQASplit, fraction: float, seed: int) -> tuple[VQASplit, VQASplit]:
     """(train, held-out) parts with no image in both."""
     image_ids = sorted(split.image_ids)
@@ -195,8 +265,61 @@ def split_by_image(split: VQASplit, fraction: float, seed: int) -> tuple[VQASpli
     return split.subset(image_ids[n_held:], f"{split.name}-train"), split.subset(image_ids[:n_held], f"{split.name}-val")
 
 
+def unique_rows(keys) -> tuple[list, torch.Tensor]:
+    """Each distinct key once, in first-seen order, and the row of each item's key (B,).
+
+    The one batch builder: over the image ids of a batch of questions, each image then goes
+    through the CNN once; over question ids (or pixel tensors, ...) it does the same for them.
+    """
+    rows: dict = {}
+    index = [rows.setdefault(key, len(rows)) for key in keys]
+    return list(rows), torch.tensor(index, dtype=torch.long)
+
+
+def screen_images(split: VQASplit, skip_bad_images: bool = False) -> VQASplit:
+    """The one bad-image policy, used alike by training, evaluation and feature extraction.
+
+    Every image of the split is checked before any work starts: it must have a file and its
+    header must open within the size limits (cheap: no decoding), so that hours of training
+    are never lost to a broken file found late. Without `skip_bad_images` the first bad image
+    raises DataError naming the file; with it, every image is also decoded in full (a truncated
+    file passes the header check), bad ones are dropped with their questions, and listed in
+    the returned split's `skipped` as {"image_id", "path", "error", "question_ids"}.
+    """
+    check = open_image if skip_bad_images else probe_image
+    bad: dict[int, str] = {}
+    for image_id in split.image_ids:
+        path = split.image_paths.get(image_id)
+        if path is None:
+            where = f" in {split.image_dir}" if split.image_dir is not None else ""
+            bad[image_id] = f"no image file for image_id {image_id}{where}"
+            if not skip_bad_images:
+                break
+            continue
+        try:
+            check(path)
+        except InputError as error:
+            bad[image_id] = str(error)
+            if not skip_bad_images:
+                break
+    if not bad:
+        return split
+    if not skip_bad_images:
+        raise DataError(f"{split.name}: {next(iter(bad.values()))} (--skip-bad-images skips such images)")
+    kept = split.subset([i for i in split.image_ids if i not in bad], split.name)
+    if not kept.records:
+        raise DataError(f"{split.name}: every image is unreadable (first: {next(iter(bad.values()))})")
+    questions: dict[int, list[int]] = {}
+    for record in split.records:
+        if record["image_id"] in bad:
+            questions.setdefault(record["image_id"], []).append(record["question_id"])
+    kept.skipped = [{"image_id": i, "path": str(split.image_paths[i]) if i in split.image_paths else None,
+                     "error": error, "question_ids": questions[i]} for i, error in bad.items()]
+    return kept
+
+
 class ImageSource:
-    """Gives each image of a batch once: as pixels (timm transform) or as cached features."""
+    """Gives each image of a batch once: as pixels (the model's transform) or as cached features."""
 
     def __init__(self, image_paths: dict[int, Path], transform=None, feature_cache=None):
         self.image_paths = image_paths
@@ -204,46 +327,15 @@ class ImageSource:
         self.feature_cache = feature_cache
 
     def pixels(self, image_id: int) -> torch.Tensor:
-        path = self.image_paths.get(image_id)
-        if path is None:
-            raise DataError(f"no image file for image_id {image_id}")
         try:
-            return self.transform(open_image(path))
-        except InputError as error:
-            raise DataError(f"unreadable image for image_id {image_id}: {error} (--skip-bad-images skips such images)") from error
+            return self.transform(open_image(self.image_paths[image_id]))
+        except InputError as error:  # screen_images checked headers; a file broken further in ends here
+            raise DataError(f"{error} (--skip-bad-images decodes every image first and skips such images)") from error
 
     def batch(self, image_ids: list[int]) -> dict[str, torch.Tensor]:
         if self.feature_cache is not None:
             return {"image_features": self.feature_cache.get(image_ids)}
         return {"pixel_values": torch.stack([self.pixels(i) for i in image_ids])}
-
-
-def unreadable_images(image_paths: dict[int, Path], image_ids) -> dict[int, str]:
-    """{image_id: why it cannot be used} for those of `image_ids` that have no file or do not decode."""
-    bad = {}
-    for image_id in image_ids:
-        path = image_paths.get(image_id)
-        if path is None:
-            bad[image_id] = f"no image file for image_id {image_id}"
-            continue
-        try:
-            open_image(path)
-        except InputError as error:
-            bad[image_id] = f"{path}: {error}"
-    return bad
-
-
-def drop_bad_images(split: VQASplit) -> VQASplit:
-    """Opt-in (--skip-bad-images): decode every image once and drop those that fail,
-    with their questions. The dropped files are listed in `skipped_images`."""
-    bad = unreadable_images(split.image_paths, split.image_paths)
-    if not bad:
-        return split
-    kept = split.subset([i for i in split.image_ids if i not in bad], split.name)
-    if not kept.records:
-        raise DataError(f"{split.name}: every image is unreadable (first: {next(iter(bad.values()))})")
-    kept.skipped_images = sorted(bad.values())
-    return kept
 
 
 class QuestionDataset(Dataset):
@@ -260,7 +352,7 @@ class QuestionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        return {"index": i, "input_ids": self.input_ids[i], "image_id": self.records[i]["image_id"], "scores": self.scores[i]}
+        return {"input_ids": self.input_ids[i], "image_id": self.records[i]["image_id"], "scores": self.scores[i]}
 
 
 class VQACollator:
@@ -272,15 +364,8 @@ class VQACollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, lengths = pad_questions([it["input_ids"] for it in items])
-        unique = list(dict.fromkeys(it["image_id"] for it in items))
-        row = {image_id: r for r, image_id in enumerate(unique)}
-        batch = {
-            "input_ids": input_ids,
-            "lengths": lengths,
-            "image_index": torch.tensor([row[it["image_id"]] for it in items], dtype=torch.long),
-            "question_index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-            **self.images.batch(unique),
-        }
+        unique, image_index = unique_rows([it["image_id"] for it in items])
+        batch = {"input_ids": input_ids, "lengths": lengths, "image_index": image_index, **self.images.batch(unique)}
         if items[0]["scores"] is not None:
             labels = torch.zeros(len(items), self.num_answers)
             for r, it in enumerate(items):

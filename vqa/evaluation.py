@@ -1,25 +1,24 @@
 """Batch prediction over a split, and the files an evaluation writes.
 
-`predict_split` answers every question of a split with a checkpoint. QuestionDataset
-tokenizes the questions and sorts them by image; they are taken in blocks of up to
-`batch_size` images, and ImageSource loads each image of a block once, so the CNN runs
-once per image, in batches as large as a feature extraction uses (or the feature cache
-is read instead). Each distinct question is encoded once, up front (easy-VQA's 9,673
-test questions hold 107 distinct texts), which is why VQACollator, which pads every
-question of a batch for the model's forward, is not used here.
+`predict_split` answers every question of a split with a checkpoint through the model's own
+three steps. Questions are sorted by image and taken in blocks of up to `batch_size` images;
+each image of a block goes through the CNN once (or its features are read from the cache).
+Each distinct question is encoded once, up front (easy-VQA's 9,673 test questions hold 107
+distinct texts), and its vector is given to every pair that asks it.
 """
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import (ImageSource, QuestionDataset, VQASplit, index_image_folder, load_easy_vqa, load_vqa_split,
-                   unreadable_images)
-from .errors import DataError, InputError
-from .features import MATCHING_FIELDS, FeatureCache, cache_meta
+from .data import (ImageSource, QuestionDataset, VQASplit, unique_rows, load_builtin, load_vqa_split,
+                   screen_images)
+from .errors import DataError
+from .feature_cache import FeatureCache, cache_meta, mismatch
 from .metrics import evaluate_results, load_results
 from .report import write_report
 from .text import pad_questions
@@ -30,35 +29,20 @@ SKIPPED_FILE = "skipped_images.json"
 DEFAULT_BATCH_SIZE = 256  # images per CNN pass (the questions on them go in one pass); questions per encoder pass
 
 
+@dataclass
+class Predictions:
+    results: list[dict]  # [{"question_id", "answer"}] in the split's order: the official results format
+    confidence: dict[int, float] = field(default_factory=dict)  # question_id -> top answer's probability
+
+
 def load_split(dataset: str | None = None, split: str = "test", questions=None, annotations=None, images=None,
-               skip_bad_images: bool = False) -> VQASplit:
-    """easy-VQA by name, or VQA v2-layout files. `images` may be None to score results only.
-
-    With `skip_bad_images`, images missing from the folder are not an error here:
-    `predict_split` skips and lists them with the unreadable ones.
-    """
+               allow_nonstandard_answers: bool = False) -> VQASplit:
+    """A built-in dataset by name, or VQA v2-layout files. `images` may be None to score results only."""
     if dataset is not None:
-        if dataset != "easy-vqa":
-            raise DataError(f"unknown dataset {dataset!r}: the built-in one is 'easy-vqa'; "
-                            "give VQA v2-layout files with --questions")
-        return load_easy_vqa(split)
+        return load_builtin(dataset, split)
     if questions is None:
-        raise DataError("no data: give --dataset easy-vqa or --questions (with --images to predict)")
-    if skip_bad_images and images is not None:
-        loaded = load_vqa_split(questions, annotations)
-        index = index_image_folder(images)
-        loaded.image_paths = {i: index[i] for i in loaded.image_ids if i in index}
-        return loaded
-    return load_vqa_split(questions, annotations, images)
-
-
-def _cache_mismatch(model, cache: FeatureCache) -> str | None:
-    """Why `cache` does not hold this model's features, or None when it does."""
-    now = cache_meta(model)
-    changed = [k for k in MATCHING_FIELDS if cache.meta.get(k) != now.get(k)]
-    if changed:
-        return f"feature cache {cache.folder} was made with another {', '.join(changed)} than this checkpoint's"
-    return None
+        raise DataError("no data: give --dataset or --questions (with --images to predict)")
+    return load_vqa_split(questions, annotations, images, allow_nonstandard_answers=allow_nonstandard_answers)
 
 
 def open_feature_cache(model, folder: str | Path) -> tuple[FeatureCache | None, str | None]:
@@ -67,10 +51,8 @@ def open_feature_cache(model, folder: str | Path) -> tuple[FeatureCache | None, 
         return None, (f"feature cache {folder} not used: this checkpoint fine-tuned its backbone "
                       "(freeze_backbone is false), so cached features are not its features")
     cache = FeatureCache(folder)
-    mismatch = _cache_mismatch(model, cache)
-    if mismatch:
-        return None, f"{mismatch}: not used"
-    return cache, None
+    why_not = mismatch(cache, cache_meta(model))
+    return (None, f"{why_not}: not used") if why_not else (cache, None)
 
 
 def encode_questions(model, input_ids: list[list[int]], chunk: int = DEFAULT_BATCH_SIZE,
@@ -79,65 +61,44 @@ def encode_questions(model, input_ids: list[list[int]], chunk: int = DEFAULT_BAT
 
     Holds U x common_dim floats: 0.4 GB for 100,000 distinct questions at common_dim 1024.
     """
-    rows, distinct = [], {}
-    for ids in input_ids:
-        rows.append(distinct.setdefault(tuple(ids), len(distinct)))
-    unique = list(distinct)
-    device = model.device
+    unique, rows = unique_rows(tuple(ids) for ids in input_ids)
     vectors = []
     for s in tqdm(range(0, len(unique), chunk), desc="encoding questions", unit="batch", disable=not progress,
                   leave=False):
         ids, lengths = pad_questions([list(u) for u in unique[s : s + chunk]])
-        vectors.append(model.question_encoder(ids.to(device), lengths.to(device)))  # (chunk, C)
-    return torch.cat(vectors), torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def answer_logits(model, image_features: torch.Tensor, image_index: torch.Tensor, questions: torch.Tensor,
-                  question_index: torch.Tensor) -> torch.Tensor:
-    """VQAModel.forward's logits (B, A) from encoded questions.
-
-    image_features: (N, F) pooled CNN features; image_index: (B,) row of each pair's image;
-    questions: (U, C) from `encode_questions`; question_index: (B,) row of each pair's question.
-    """
-    images = model.image_encoder(image_features)  # (N, C)
-    return model.answer_logits(images[image_index], questions[question_index])  # (B, A)
+        vectors.append(model.question_vectors(ids.to(model.device), lengths.to(model.device)))  # (chunk, C)
+    return torch.cat(vectors), rows.to(model.device)
 
 
 def _image_blocks(records: list[dict], size: int):
-    """(image ids, record positions) of consecutive runs of at most `size` images."""
-    image_ids, positions = [], []
+    """Record positions of consecutive runs of at most `size` images."""
+    positions, images = [], 0
     for position, record in enumerate(records):
-        if not image_ids or record["image_id"] != image_ids[-1]:
-            if len(image_ids) == size:
-                yield image_ids, positions
-                image_ids, positions = [], []
-            image_ids.append(record["image_id"])
+        if not positions or record["image_id"] != records[positions[-1]]["image_id"]:
+            if images == size:
+                yield positions
+                positions, images = [], 0
+            images += 1
         positions.append(position)
     if positions:
-        yield image_ids, positions
+        yield positions
 
 
 @torch.inference_mode()
 def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_BATCH_SIZE,
-                  feature_cache: FeatureCache | None = None, skip_bad_images: bool = False,
-                  progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Answer every question of `split`: (results, skipped).
+                  feature_cache: FeatureCache | None = None, progress: bool = True) -> Predictions:
+    """Answer every question of `split` with the model's top answer (config.id2label).
 
-    results: [{"question_id": int, "answer": str}] in the split's question order, the
-    official results format; answers are the model's top answer (config.id2label).
-    skipped: [{"image_id", "path", "error", "question_ids"}] for images that could not be
-    read, only with `skip_bad_images` (otherwise the first such image raises).
+    Images are read as they are: run `screen_images` first to apply the bad-image policy.
     """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     model.eval()
-    config = model.config
-    answers = config.answers
-    device = model.device
+    answers, device = model.config.answers, model.device
     if feature_cache is not None:
-        mismatch = _cache_mismatch(model, feature_cache)
-        if mismatch:
-            raise DataError(mismatch)
+        why_not = mismatch(feature_cache, cache_meta(model))
+        if why_not:
+            raise DataError(why_not)
         uncached = [i for i in split.image_ids if i not in feature_cache]
         if uncached:
             raise DataError(f"feature cache {feature_cache.folder} has no features for {len(uncached)} of the "
@@ -148,61 +109,42 @@ def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_B
     # Prediction needs no training targets: give the dataset questions only.
     questions_only = VQASplit(split.name, [{k: r[k] for k in ("question_id", "image_id", "question")}
                                            for r in split.records], split.image_paths)
-    dataset = QuestionDataset(questions_only, tokenizer, config.label2id, config.max_question_tokens)
+    dataset = QuestionDataset(questions_only, tokenizer, model.config.label2id, model.config.max_question_tokens)
     questions, question_row = encode_questions(model, dataset.input_ids, batch_size, progress)
 
-    predicted: dict[int, str] = {}
-    skipped: list[dict] = []
+    predictions = Predictions([])
+    by_id: dict[int, str] = {}
     bar = tqdm(total=len(dataset), desc=f"predicting {split.name}", unit="q", disable=not progress)
-    for image_ids, positions in _image_blocks(dataset.records, batch_size):
-        bad = {}
-        if feature_cache is None:
-            bad = {i: f"no image file for image {i}" for i in image_ids if i not in split.image_paths}
-        kept = [i for i in image_ids if i not in bad]
-        block = None
-        try:
-            block = images.batch(kept) if kept else None  # each image of the block once
-        except (InputError, DataError):
-            # Which images failed is worked out only now: the common path reads each image once.
-            more = unreadable_images(split.image_paths, kept) if skip_bad_images and feature_cache is None else {}
-            if not more:
-                raise
-            bad.update(more)
-            kept = [i for i in kept if i not in more]
-            block = images.batch(kept) if kept else None
-        if bad:
-            if not skip_bad_images:
-                raise DataError(f"{next(iter(bad.values()))} (--skip-bad-images skips such images)")
-            for image_id, error in bad.items():
-                path = split.image_paths.get(image_id)
-                skipped.append({"image_id": image_id, "path": str(path) if path else None, "error": error,
-                                "question_ids": [dataset.records[p]["question_id"] for p in positions
-                                                 if dataset.records[p]["image_id"] == image_id]})
-            bar.update(sum(dataset.records[p]["image_id"] in bad for p in positions))
-            positions = [p for p in positions if dataset.records[p]["image_id"] not in bad]
-        if not positions:
-            continue
+    for positions in _image_blocks(dataset.records, batch_size):
+        unique, image_index = unique_rows(dataset.records[p]["image_id"] for p in positions)
+        block = images.batch(unique)
         if "image_features" in block:
             features = block["image_features"].to(device)
         else:
-            features = model.image_encoder.features(block["pixel_values"].to(device))  # one CNN pass per image
-        row = {image_id: r for r, image_id in enumerate(kept)}
-        image_index = torch.tensor([row[dataset.records[p]["image_id"]] for p in positions], device=device)
-        logits = answer_logits(model, features, image_index, questions, question_row[positions])
-        for position, top in zip(positions, logits.argmax(-1).tolist()):
-            predicted[dataset.records[position]["question_id"]] = answers[top]
+            features = model.image_features(block["pixel_values"].to(device))  # one CNN pass per image
+        logits = model.answer_logits(features, questions[question_row[positions]], image_index.to(device))
+        confidence, top = logits.float().softmax(-1).max(-1)
+        for position, answer, p in zip(positions, top.tolist(), confidence.tolist()):
+            qid = dataset.records[position]["question_id"]
+            by_id[qid] = answers[answer]
+            predictions.confidence[qid] = p
         bar.update(len(positions))
     bar.close()
-    results = [{"question_id": r["question_id"], "answer": predicted[r["question_id"]]}
-               for r in split.records if r["question_id"] in predicted]
-    return results, skipped
+    predictions.results = [{"question_id": r["question_id"], "answer": by_id[r["question_id"]]} for r in split.records]
+    return predictions
 
 
 def _output_folder(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"output folder {out} is a file")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"cannot write into the output folder {out}: {error.strerror or error}") from error
     return out
 
 
@@ -235,16 +177,18 @@ def write_evaluation(out: str | Path, split: VQASplit, results: list[dict], skip
 
 def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset: str | None = None,
                    split: str = "test", questions=None, annotations=None, images=None, feature_cache=None,
-                   batch_size: int = DEFAULT_BATCH_SIZE, skip_bad_images: bool = False, progress: bool = True,
+                   batch_size: int = DEFAULT_BATCH_SIZE, skip_bad_images: bool = False,
+                   allow_nonstandard_answers: bool = False, progress: bool = True,
                    log=print) -> tuple[dict | None, list[dict]]:
     """What `training/evaluate.py` does: predict with `checkpoint` (or read `results_file`),
     score when annotations exist, and write everything into `out`. Returns (metrics, skipped)."""
     _output_folder(out)  # before the work, not after it
     data = load_split(dataset, split, questions, annotations, images if checkpoint is not None else None,
-                      skip_bad_images)
+                      allow_nonstandard_answers)
     source = {"Data": f"{dataset} {split}" if dataset else str(questions)}
     if annotations is not None:
         source["Annotations"] = str(annotations)
+    skipped: list[dict] = []
     if checkpoint is not None:
         model, tokenizer = load_checkpoint(checkpoint)
         source["Checkpoint"] = str(checkpoint)
@@ -255,16 +199,20 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
                 log(f"warning: {why_not}; running the CNN instead")
             else:
                 source["Feature cache"] = str(feature_cache)
-        if images is None and dataset is None and cache is None:
-            raise DataError("predicting needs the images: give --images (or a matching --feature-cache)")
-        results, skipped = predict_split(model, tokenizer, data, batch_size, cache, skip_bad_images, progress)
+        if cache is None:
+            if images is None and dataset is None:
+                raise DataError("predicting needs the images: give --images (or a matching --feature-cache)")
+            scored = screen_images(data, skip_bad_images)
+            skipped = scored.skipped
+        else:
+            scored = data
+        results = predict_split(model, tokenizer, scored, batch_size, cache, progress).results
     else:
-        results, skipped = load_results(results_file, (r["question_id"] for r in data.records)), []
+        results = load_results(results_file, (r["question_id"] for r in data.records))
         source["Results file"] = str(results_file)
     if skipped:
         lost = sum(len(s["question_ids"]) for s in skipped)
         log(f"warning: skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} "
-            f"({lost} questions unanswered, not scored); "
-            f"listed in {Path(out) / SKIPPED_FILE}")
+            f"({lost} questions unanswered, not scored); listed in {Path(out) / SKIPPED_FILE}")
     metrics = write_evaluation(out, data, results, skipped, source)
     return metrics, skipped

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from torchvision import transforms
+
+from .images import content_box
 
 GRID = 12  # patch positions along each side
 PATCH_FRACTION = 0.2  # patch side, as a fraction of the model's input side
@@ -101,41 +102,13 @@ def occlusion_map(model, pixels: torch.Tensor, input_ids: list[int], target: int
     return heat.astype(np.float32), target, float(base[0, target].exp())
 
 
-def model_view_box(transform, width: int, height: int) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) of the part of a width x height image the model sees.
-
-    Follows the Resize and CenterCrop steps of the (timm / torchvision) eval transform.
-    """
-    left, top, scale_x, scale_y = 0.0, 0.0, 1.0, 1.0  # original = offset + current * scale
-    w, h = width, height
-    for step in getattr(transform, "transforms", []):
-        if isinstance(step, transforms.Resize):
-            size = step.size
-            if isinstance(size, int) or len(size) == 1:
-                short = size if isinstance(size, int) else size[0]
-                new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            else:
-                new_h, new_w = size
-            scale_x, scale_y = scale_x * w / new_w, scale_y * h / new_h
-            w, h = new_w, new_h
-        elif isinstance(step, transforms.CenterCrop):
-            crop_h, crop_w = step.size
-            left += round((w - crop_w) / 2) * scale_x
-            top += round((h - crop_h) / 2) * scale_y
-            w, h = crop_w, crop_h
-    return left, top, left + w * scale_x, top + h * scale_y
-
-
-def to_image_size(heat: np.ndarray, box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
-    """Heat over the model's view, upsampled into its box of a width x height image (0 outside)."""
-    left, top, right, bottom = (round(v) for v in box)
-    out = np.zeros((height, width), np.float32)
-    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
-    if x1 <= x0 or y1 <= y0:
-        return out
-    resized = np.asarray(Image.fromarray(heat).resize((right - left, bottom - top), Image.BILINEAR))
-    out[y0:y1, x0:x1] = resized[y0 - top:y1 - top, x0 - left:x1 - left]
-    return np.clip(out, 0.0, 1.0)
+def to_image_size(heat: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Heat over the model's (letterboxed) input, cut to where the image lies in it and
+    resized to the image's width x height."""
+    side_h, side_w = heat.shape
+    left, top, right, bottom = content_box(width, height, (side_h, side_w))
+    inside = Image.fromarray(heat.astype(np.float32)).crop((left, top, right, bottom))
+    return np.clip(np.asarray(inside.resize((width, height), Image.BILINEAR)), 0.0, 1.0)
 
 
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.7) -> Image.Image:
@@ -159,6 +132,16 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.7) -> Image.I
 def explain_answer(model, transform, image: Image.Image, input_ids: list[int], answers: list[str]) -> Explanation:
     """Occlusion heatmap of the top answer for an RGB image and a tokenized question."""
     heat, target, probability = occlusion_map(model, transform(image), input_ids)
-    width, height = image.size
-    heatmap = to_image_size(heat, model_view_box(transform, width, height), width, height)
+    heatmap = to_image_size(heat, *image.size)
     return Explanation(answers[target], probability, heatmap, overlay(image, heatmap))
+
+
+def attention_overlays(image: Image.Image, maps: torch.Tensor, input_size: tuple[int, int]) -> list[Image.Image]:
+    """One overlay per glimpse: maps (G, h, w) over the CNN's grid, upsampled to the model's
+    input, cut to the image's part of the letterbox and scaled so each map's peak is 1."""
+    overlays = []
+    for glimpse in maps.float().cpu().numpy():
+        upsampled = np.asarray(Image.fromarray(glimpse).resize(input_size[::-1], Image.BILINEAR))
+        heat = to_image_size(upsampled / max(float(upsampled.max()), 1e-12), *image.size)
+        overlays.append(overlay(image, heat))
+    return overlays

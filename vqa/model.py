@@ -8,13 +8,11 @@ top answers.
 
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
-import huggingface_hub
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import PreTrainedModel
@@ -22,64 +20,127 @@ from transformers.utils import ModelOutput
 
 from .config import VQAConfig
 from .errors import CheckpointError
+from .images import ModelTransform
 
 
-def create_backbone(name: str, pretrained: bool | str = False) -> nn.Module:
+def _cached_weights_file(name: str) -> str:
+    """The path of timm model `name`'s ImageNet weights (model.safetensors) in the local
+    Hugging Face cache, found with huggingface_hub's `try_to_load_from_cache`: nothing is
+    downloaded, and nothing process-wide (such as HF_HUB_OFFLINE) is changed to make sure of it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    found = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
+    if not isinstance(found, str):
+        raise CheckpointError(
+            f"no pretrained weights for timm model {name!r} in the local timm/Hugging Face cache "
+            f"(looked for {hub_id or 'a Hugging Face hub id'}/model.safetensors). Put them in the cache, "
+            "pass the path of a .safetensors weights file instead, or train from scratch without --pretrained."
+        )
+    return found
+
+
+def create_backbone(name: str, pretrained: bool | str = False, output_stride: int | None = None) -> nn.Module:
     """A timm model that returns pooled features (num_classes=0).
 
     `pretrained`: False (random init), True (ImageNet weights from the local timm /
     Hugging Face cache: nothing is downloaded), or the path of a weights file.
+    `output_stride` (8, 16) keeps a finer spatial map by dilating the last stages.
     """
+    options = {"num_classes": 0}
+    if output_stride:
+        options["output_stride"] = output_stride
     if pretrained is False:
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, **options)
     if pretrained is True:
-        # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its constant, so that only
-        # the local cache is looked at (no network retries, no fallback to pickle files).
-        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
-            try:
-                return timm.create_model(name, pretrained=True, num_classes=0)
-            except Exception as error:  # timm raises several types for a missing cache entry
-                raise CheckpointError(
-                    f"no pretrained weights for timm model {name!r} in the local timm/Hugging Face cache "
-                    f"({type(error).__name__}: {error}). Put them in the cache, pass the path of a "
-                    ".safetensors weights file instead, or train from scratch without --pretrained."
-                ) from error
-    path = Path(pretrained)
-    if not path.is_file():
-        raise CheckpointError(f"backbone weights file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(
-            f"backbone weights {path}: only .safetensors files are loaded (pickle files can run code). "
-            "Convert a trusted file with: python -c \"import torch, safetensors.torch as s; "
-            f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\""
-        )
-    return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+        path = _cached_weights_file(name)
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise CheckpointError(f"backbone weights file not found: {path}")
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"backbone weights {path}: only .safetensors files are loaded (pickle files can run code). "
+                "Convert a trusted file with: python -c \"import torch, safetensors.torch as s; "
+                f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\""
+            )
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **options)
+
+
+def normalise(features: torch.Tensor) -> torch.Tensor:
+    """"norm I": unit L2 norm over the last (feature) dimension, then scaled by sqrt(F) so that
+    components have unit RMS. Unscaled, each component is ~1/sqrt(F) and a freshly initialised
+    Linear + tanh passes almost nothing on: a backbone trained from scratch then barely learns."""
+    return F.normalize(features.float(), dim=-1) * features.shape[-1] ** 0.5
+
+
+class QuestionGuidedAttention(nn.Module):
+    """Where to look, per question: G softmax maps over the CNN's locations.
+
+    Each location's feature and the question vector meet in the common space by elementwise
+    product (the fusion the whole model uses), and a Linear gives one score per glimpse
+    (Kazemi & Elqursh 2017, "Show, Ask, Attend, and Answer", with product instead of concat).
+    """
+
+    def __init__(self, feature_dim: int, common_dim: int, glimpses: int, dropout: float):
+        super().__init__()
+        self.locations = nn.Linear(feature_dim, common_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.scores = nn.Linear(common_dim, glimpses)
+
+    def forward(self, grid: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """grid (N, L, F) normalised features, question (B, C) -> weights (B, L, G), each glimpse summing to 1."""
+        keys = torch.tanh(self.locations(grid))  # (N, L, C): once per image, not per question
+        scores = self.scores(self.dropout(keys[image_index] * question[:, None]))  # (B, L, G)
+        return scores.softmax(dim=1)
 
 
 class ImageEncoder(nn.Module):
-    """CNN pooled features -> L2-normalise -> Linear -> tanh, into the common space."""
+    """CNN features -> L2-normalise -> (attention) -> Linear -> tanh, into the common space."""
 
     def __init__(self, config: VQAConfig, pretrained: bool | str = False):
         super().__init__()
-        self.backbone = create_backbone(config.backbone, pretrained)
-        # Pooled output size: timm's head_hidden_size where a pre-logits layer follows pooling
-        # (MobileNetV3, EfficientNet-style heads), num_features otherwise.
-        feature_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.backbone = create_backbone(config.backbone, pretrained, config.output_stride)
+        self.glimpses = config.attention_glimpses
+        if self.glimpses:
+            feature_dim = self.backbone.num_features  # channels of forward_features' map
+            self.attention = QuestionGuidedAttention(feature_dim, config.common_dim, self.glimpses, config.dropout)
+        else:
+            # Pooled output size: timm's head_hidden_size where a pre-logits layer follows pooling
+            # (MobileNetV3, EfficientNet-style heads), num_features otherwise.
+            feature_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         config.image_feature_dim = feature_dim
-        self.project = nn.Linear(feature_dim, config.common_dim)
+        self.project = nn.Linear(feature_dim * max(self.glimpses, 1), config.common_dim)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pooled CNN features (N, F); what the feature cache stores."""
+        """What the CNN gives, and what the feature cache stores: pooled (N, F), or with
+        attention the spatial map (N, F, h, w)."""
+        if self.glimpses:
+            return self.backbone.forward_features(pixel_values)
         return self.backbone(pixel_values)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # "norm I": unit L2 norm, then scaled by sqrt(F) so that components have unit RMS.
-        # Unscaled, each component is ~1/sqrt(F) and a freshly initialised Linear + tanh
-        # passes almost nothing on: a backbone trained from scratch then barely learns.
-        features = F.normalize(features.float(), dim=-1) * features.shape[-1] ** 0.5
-        return torch.tanh(self.project(features))  # (N, C)
+    def grid(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, F, h, w) map -> (N, h*w, F), each location normalised."""
+        return normalise(features.flatten(2).transpose(1, 2))
+
+    def attention_weights(self, features: torch.Tensor, question: torch.Tensor,
+                          image_index: torch.Tensor) -> torch.Tensor:
+        """(B, G, h, w) attention maps of each question over its image's map."""
+        weights = self.attention(self.grid(features), question, image_index)  # (B, L, G)
+        return weights.transpose(1, 2).unflatten(2, features.shape[2:])
+
+    def forward(self, features: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """Image vector (B, C) of each question: features (N, ...) of each image once, question (B, C)."""
+        if not self.glimpses:
+            # The pooled image vector does not depend on the question: project each image once.
+            return torch.tanh(self.project(normalise(features)))[image_index]
+        grid = self.grid(features)  # (N, L, F)
+        weights = self.attention(grid, question, image_index)  # (B, L, G)
+        attended = weights.transpose(1, 2) @ grid[image_index]  # (B, G, F)
+        return torch.tanh(self.project(attended.flatten(1)))
 
 
 class QuestionEncoder(nn.Module):
@@ -106,11 +167,15 @@ class VQAOutput(ModelOutput):
 
 
 class VQAModel(PreTrainedModel):
+    """The whole model. Its three steps are the one forward path: every caller (training,
+    evaluation, the Predictor, explanations, the feature cache, the benchmarks) goes through
+    `image_features`, `question_vectors` and `answer_logits`; `forward` chains them."""
+
     config_class = VQAConfig
     base_model_prefix = "vqa"
     main_input_name = "input_ids"
-    # forward() takes **kwargs only to ignore extra batch keys; without this the Trainer
-    # would treat the loss as a sum and scale it by the number of DDP processes.
+    # The loss is a mean over the batch: the Trainer must not rescale it by the number of
+    # DDP processes, as it does for models whose loss takes num_items_in_batch.
     accepts_loss_kwargs = False
 
     def __init__(self, config: VQAConfig, pretrained_backbone: bool | str = False):
@@ -130,19 +195,41 @@ class VQAModel(PreTrainedModel):
         # Keep PyTorch's and timm's own initialisation (and any pretrained backbone weights).
         pass
 
-    def answer_logits(self, image: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        """Fusion by elementwise product, then the classifier: (B, C) x (B, C) -> (B, A)."""
-        return self.classifier(image * question)
-
     def image_transform(self):
-        """timm's eval preprocessing for this backbone, at the configured size."""
-        args = {}
-        if self.config.image_size:
-            args["input_size"] = (3, self.config.image_size, self.config.image_size)
-        if self.config.crop_pct:
-            args["crop_pct"] = self.config.crop_pct
+        """The model's eval preprocessing: timm's data config for this backbone at the configured size."""
+        args = {"input_size": (3, self.config.image_size, self.config.image_size)} if self.config.image_size else {}
         data_config = resolve_data_config(args, model=self.image_encoder.backbone)
-        return create_transform(**data_config, is_training=False)
+        return ModelTransform(data_config)
+
+    # The forward path, in three steps.
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Step 1, once per distinct image: (N, 3, H, W) -> (N, F) pooled or (N, F, h, w) map."""
+        return self.image_encoder.features(pixel_values)
+
+    def question_vectors(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Step 2, once per question: (B, T) piece ids, (B,) lengths -> (B, C)."""
+        return self.question_encoder(input_ids, lengths)
+
+    def answer_logits(self, image_features: torch.Tensor, questions: torch.Tensor,
+                      image_index: torch.Tensor) -> torch.Tensor:
+        """Step 3: features of each image once (N, ...), question vectors (B, C), the row of each
+        question's image (B,) -> answer logits (B, A). Fusion by elementwise product."""
+        image = self.image_encoder(image_features, questions, image_index)  # (B, C)
+        return self.classifier(image * questions)
+
+    def attention_maps(self, image_features: torch.Tensor, questions: torch.Tensor,
+                       image_index: torch.Tensor) -> torch.Tensor | None:
+        """(B, G, h, w) where each question looked, or None for the pooled model."""
+        if not self.config.attention_glimpses:
+            return None
+        return self.image_encoder.attention_weights(image_features, questions, image_index)
+
+    @staticmethod
+    def pooled_features(image_features: torch.Tensor) -> torch.Tensor:
+        """(N, F) per image: the pooled features, or a map's mean over its locations (what the
+        out-of-distribution detector measures)."""
+        return image_features if image_features.dim() == 2 else image_features.float().mean(dim=(2, 3))
 
     def forward(
         self,
@@ -150,19 +237,25 @@ class VQAModel(PreTrainedModel):
         lengths: torch.Tensor,  # (B,)
         image_index: torch.Tensor,  # (B,) row of each question's image in pixel_values / image_features
         pixel_values: torch.Tensor | None = None,  # (N, 3, H, W): each image of the batch once
-        image_features: torch.Tensor | None = None,  # (N, F) cached pooled CNN features
+        image_features: torch.Tensor | None = None,  # (N, ...) cached CNN features
         labels: torch.Tensor | None = None,  # (B, num_labels) soft VQA scores
-        **kwargs,
     ) -> VQAOutput:
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("VQAModel.forward needs pixel_values or image_features")
-            image_features = self.image_encoder.features(pixel_values)
-        image = self.image_encoder(image_features)[image_index]  # (B, C)
-        question = self.question_encoder(input_ids, lengths)  # (B, C)
-        logits = self.answer_logits(image, question)
+            image_features = self.image_features(pixel_values)
+        logits = self.answer_logits(image_features, self.question_vectors(input_ids, lengths), image_index)
         loss = None
         if labels is not None:
             # Soft cross-entropy: each answer weighted by its VQA score (0 for answers outside the vocabulary).
             loss = -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return VQAOutput(loss=loss, logits=logits)
+
+
+def architecture(config: VQAConfig) -> str:
+    """One line saying what the model is, for model cards and the app."""
+    image = f"{config.backbone} CNN"
+    if config.attention_glimpses:
+        image += f" with {config.attention_glimpses}-glimpse question-guided attention"
+    return (f"{image} + {config.lstm_layers}-layer LSTM ({config.lstm_hidden} units), "
+            f"fused by elementwise product in {config.common_dim} dimensions")

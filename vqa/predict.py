@@ -15,15 +15,21 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, read_card
+from .data import unique_rows
 from .errors import CheckpointError, InputError
+from .explain import attention_overlays, explain_answer
 from .images import open_image
+from .model import architecture
+from .ood import FeatureDensity
 from .text import pad_questions
+from .words import WordVocabulary
 
 MAX_QUESTION_CHARS = 300
 DEFAULT_TOP_K = 5
@@ -38,6 +44,9 @@ def check_question(question) -> str:
         raise InputError(f"the question must be text, not {type(question).__name__}")
     if "\x00" in question:
         raise InputError("the question contains a NUL byte (\\x00); remove it and ask again")
+    if any("\ud800" <= c <= "\udfff" for c in question):
+        # Python hands bytes of a command line that are not UTF-8 over as lone surrogates.
+        raise InputError("the question is not valid UTF-8 text; type it again in a UTF-8 terminal")
     question = question.strip()
     if not question:
         raise InputError("the question is empty: type a question about the image")
@@ -55,12 +64,41 @@ class Prepared:
     pixels: torch.Tensor  # (3, H, W), the model's own transform applied
     input_ids: list[int]
     top_k: int
+    unknown_words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    """The top answers and what a person should know before trusting them."""
+
+    answers: dict[str, float]  # {answer: probability}, most likely first
+    confidence: float  # the top answer's probability
+    threshold: float | None = None  # below it the model is "not sure" (None: no threshold in the checkpoint)
+    image_score: float | None = None  # distance of the image from the training images (None: no detector)
+    image_threshold: float | None = None  # above it the image is unlike the training images
+    unknown_words: list[str] = field(default_factory=list)  # words of the question never seen in training
+
+    @property
+    def not_sure(self) -> bool:
+        return self.threshold is not None and self.confidence < self.threshold
+
+    @property
+    def unusual_image(self) -> bool:
+        return self.image_score is not None and self.image_score > self.image_threshold
+
+    def details(self) -> dict:
+        """What the API returns beside the answers."""
+        return {"answer": next(iter(self.answers)), "confidence": self.confidence, "not_sure": self.not_sure,
+                "confidence_threshold": self.threshold, "unusual_image": self.unusual_image,
+                "image_score": self.image_score, "image_threshold": self.image_threshold,
+                "unknown_words": self.unknown_words}
 
 
 class Predictor:
     """A checkpoint loaded once, answering (image, question) pairs on CPU or GPU."""
 
-    def __init__(self, model, tokenizer, card: dict | None = None, folder: str | Path | None = None):
+    def __init__(self, model, tokenizer, card: dict | None = None, folder: str | Path | None = None,
+                 density: FeatureDensity | None = None, words: WordVocabulary | None = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = model.config
@@ -69,13 +107,16 @@ class Predictor:
         self.folder = Path(folder) if folder is not None else None
         self.transform = model.image_transform()
         self.device = next(model.parameters()).device
+        self.density = density  # out-of-distribution image detector fitted at training time
+        self.words = words  # the training questions' words
+        self.threshold = self.card.get("answer_threshold")  # confidence for at most 1 % wrong answers
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | None = None) -> "Predictor":
         """Load once; `device` defaults to the GPU when there is one."""
         model, tokenizer = load_checkpoint(folder)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model, tokenizer, read_card(folder), folder)
+        return cls(model, tokenizer, read_card(folder), folder, FeatureDensity.load(folder), WordVocabulary.load(folder))
 
     # Checking and preprocessing: runs in the caller's thread, before any batching.
 
@@ -98,46 +139,51 @@ class Predictor:
     def prepare(self, image, question, top_k: int = DEFAULT_TOP_K) -> Prepared:
         # The question first: it is cheap to check and the commonest mistake.
         input_ids = self.encode(question)
-        return Prepared(self.image_pixels(image), input_ids, self.check_top_k(top_k))
+        unknown = self.words.unknown(question) if self.words is not None else []
+        return Prepared(self.image_pixels(image), input_ids, self.check_top_k(top_k), unknown)
 
-    # Forward passes.
+    # Forward passes: the model's own three steps.
 
     @torch.inference_mode()
-    def probabilities(self, pixel_values: torch.Tensor, image_index: torch.Tensor,
-                      id_lists: list[list[int]]) -> torch.Tensor:
-        """(B, A) answer probabilities; pixel_values (N, 3, H, W) holds each image once."""
+    def forward(self, pixel_values: torch.Tensor, image_index: torch.Tensor,
+                id_lists: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """(B, A) answer probabilities and, with a detector, each image's OOD score (N,);
+        pixel_values (N, 3, H, W) holds each image once."""
         input_ids, lengths = pad_questions(id_lists)
-        logits = self.model(
-            input_ids=input_ids.to(self.device),
-            lengths=lengths,
-            image_index=image_index.to(self.device),
-            pixel_values=pixel_values.to(self.device),
-        ).logits
-        return logits.float().softmax(dim=-1).cpu()
+        features = self.model.image_features(pixel_values.to(self.device))
+        questions = self.model.question_vectors(input_ids.to(self.device), lengths.to(self.device))
+        logits = self.model.answer_logits(features, questions, image_index.to(self.device))
+        scores = None
+        if self.density is not None:
+            scores = self.density.score(self.model.pooled_features(features).cpu().numpy())
+        return logits.float().softmax(dim=-1).cpu(), scores
 
     def top_answers(self, probabilities: torch.Tensor, top_k: int) -> dict[str, float]:
         """{answer: probability} for the top_k answers, most likely first."""
         values, indices = probabilities.topk(top_k)
         return {self.answers[i]: float(p) for p, i in zip(values.tolist(), indices.tolist())}
 
-    def run_prepared(self, requests: list[Prepared]) -> list[dict[str, float]]:
+    def run_prepared(self, requests: list[Prepared]) -> list[Answer]:
         """One forward pass over prepared requests; requests sharing a pixels tensor share a CNN row."""
-        rows: dict[int, int] = {}
-        images, image_index = [], []
-        for request in requests:
-            row = rows.setdefault(id(request.pixels), len(images))
-            if row == len(images):
-                images.append(request.pixels)
-            image_index.append(row)
-        probabilities = self.probabilities(
-            torch.stack(images), torch.tensor(image_index), [r.input_ids for r in requests]
-        )
-        return [self.top_answers(p, r.top_k) for p, r in zip(probabilities, requests)]
+        pixels = {id(r.pixels): r.pixels for r in requests}
+        unique, image_index = unique_rows(id(r.pixels) for r in requests)
+        probabilities, scores = self.forward(torch.stack([pixels[key] for key in unique]), image_index,
+                                             [r.input_ids for r in requests])
+        answers = []
+        for p, row, request in zip(probabilities, image_index.tolist(), requests):
+            answers.append(Answer(self.top_answers(p, request.top_k), float(p.max()), self.threshold,
+                                  None if scores is None else float(scores[row]),
+                                  None if self.density is None else self.density.threshold, request.unknown_words))
+        return answers
 
     # The public answers.
 
     def answer(self, image, question: str, top_k: int = DEFAULT_TOP_K) -> dict[str, float]:
         """{answer: probability} for the top_k answers (softmax over all answers), most likely first."""
+        return self.assess(image, question, top_k).answers
+
+    def assess(self, image, question: str, top_k: int = DEFAULT_TOP_K) -> Answer:
+        """The top answers with the OOD image flag, the unknown words and "not sure"."""
         return self.run_prepared([self.prepare(image, question, top_k)])[0]
 
     def answer_many(self, image, questions: list[str], top_k: int = DEFAULT_TOP_K) -> list[dict[str, float]]:
@@ -152,7 +198,7 @@ class Predictor:
                 raise InputError(f"question {position + 1} of {len(questions)}: {error}") from error
         top_k = self.check_top_k(top_k)
         pixels = self.image_pixels(image)
-        return self.run_prepared([Prepared(pixels, ids, top_k) for ids in id_lists])
+        return [a.answers for a in self.run_prepared([Prepared(pixels, ids, top_k) for ids in id_lists])]
 
     def answer_batch(self, images: list, questions: list[str], top_k: int = DEFAULT_TOP_K) -> list[dict[str, float]]:
         """Many (image, question) requests, e.g. from several users, in one forward pass.
@@ -173,16 +219,30 @@ class Predictor:
             except InputError as error:
                 raise InputError(f"request {position + 1} of {len(images)}: {error}") from error
             requests.append(Prepared(pixels_of[id(image)], ids, self.check_top_k(top_k)))
-        return self.run_prepared(requests)
+        return [a.answers for a in self.run_prepared(requests)]
 
     def explain(self, image, question: str):
         """Where the model looked for its top answer: an `Explanation` (heatmap + overlay)."""
-        from .explain import explain_answer
-
         input_ids = self.encode(question)
         if image is None:
             raise InputError(NO_IMAGE)
         return explain_answer(self.model, self.transform, open_image(image), input_ids, self.answers)
+
+    @torch.inference_mode()
+    def attention(self, image, question: str) -> list | None:
+        """One overlay per glimpse of where an attention model looked; None for a pooled model."""
+        if not self.config.attention_glimpses:
+            return None
+        input_ids = self.encode(question)
+        if image is None:
+            raise InputError(NO_IMAGE)
+        picture = open_image(image)
+        pixels = self.transform(picture)[None].to(self.device)
+        ids, lengths = pad_questions([input_ids])
+        features = self.model.image_features(pixels)
+        questions = self.model.question_vectors(ids.to(self.device), lengths.to(self.device))
+        maps = self.model.attention_maps(features, questions, torch.zeros(1, dtype=torch.long, device=self.device))
+        return attention_overlays(picture, maps[0], pixels.shape[-2:])
 
     def describe(self) -> dict:
         """Facts about the loaded model for people: dataset, answers, backbone, measured accuracy."""
@@ -192,6 +252,10 @@ class Predictor:
             "answers": list(self.answers),
             "num_answers": len(self.answers),
             "backbone": self.config.backbone,
+            "architecture": architecture(self.config),
+            "attention_glimpses": self.config.attention_glimpses,
+            "answer_threshold": self.threshold,
+            "ood_threshold": None if self.density is None else self.density.threshold,
             "image_size": self.config.image_size,
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
@@ -219,7 +283,7 @@ class BatchingPredictor:
         self._worker = threading.Thread(target=self._serve, name="vqa-batcher", daemon=True)
         self._worker.start()
 
-    def answer(self, image, question: str, top_k: int = DEFAULT_TOP_K) -> dict[str, float]:
+    def answer(self, image, question: str, top_k: int = DEFAULT_TOP_K) -> Answer:
         request = self.predictor.prepare(image, question, top_k)
         future: Future = Future()
         self._pending.put((request, future))

@@ -6,13 +6,14 @@ tokenizes. The model file is stored inside each checkpoint.
 """
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 TOKENIZER_FILE = "tokenizer.model"
 PAD_ID = 0
@@ -25,20 +26,32 @@ class QuestionTokenizer:
 
     @classmethod
     def train(cls, questions: Iterable[str], vocab_size: int = 4000) -> "QuestionTokenizer":
+        """Train on `questions`; DataError when there are none, or `vocab_size` is below what they need."""
         buffer = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(questions),
-            model_writer=buffer,
-            vocab_size=vocab_size,
-            hard_vocab_limit=False,  # a small corpus (easy-VQA) yields fewer pieces
-            model_type="bpe",
-            normalization_rule_name="nmt_nfkc_cf",  # NFKC + case folding
-            byte_fallback=True,
-            character_coverage=1.0,
-            pad_id=PAD_ID, unk_id=1, bos_id=-1, eos_id=-1,
-            num_threads=1,  # deterministic pieces for a given corpus
-            minloglevel=2,
-        )
+        non_blank = 0
+
+        def counted(texts):
+            nonlocal non_blank
+            for text in texts:
+                non_blank += bool(text.strip())
+                yield text
+
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=counted(questions),
+                model_writer=buffer,
+                vocab_size=vocab_size,
+                hard_vocab_limit=False,  # a small corpus (easy-VQA) yields fewer pieces
+                model_type="bpe",
+                normalization_rule_name="nmt_nfkc_cf",  # NFKC + case folding
+                byte_fallback=True,
+                character_coverage=1.0,
+                pad_id=PAD_ID, unk_id=1, bos_id=-1, eos_id=-1,
+                num_threads=1,  # deterministic pieces for a given corpus
+                minloglevel=2,
+            )
+        except RuntimeError as error:
+            raise _training_error(error, vocab_size, non_blank) from None
         return cls(buffer.getvalue())
 
     @classmethod
@@ -46,10 +59,18 @@ class QuestionTokenizer:
         path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
             raise CheckpointError(f"tokenizer file missing: {path}")
+        data = path.read_bytes()
+        if not data:
+            raise CheckpointError(f"tokenizer file is empty (0 bytes): {path}")
         try:
-            return cls(path.read_bytes())
+            tokenizer = cls(data)
         except RuntimeError as error:
-            raise CheckpointError(f"tokenizer file is corrupt: {path} ({error})") from error
+            raise CheckpointError(f"tokenizer file is not a SentencePiece model: {path} ({error})") from error
+        # Some bytes parse as a model with no pieces, which then fails on every question.
+        if len(tokenizer) <= PAD_ID or tokenizer.sp.id_to_piece(PAD_ID) != "<pad>":
+            raise CheckpointError(f"tokenizer file {path} has {len(tokenizer)} pieces and no <pad> piece at id "
+                                  f"{PAD_ID}: it was not written by QuestionTokenizer")
+        return tokenizer
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE
@@ -69,6 +90,20 @@ class QuestionTokenizer:
 
     def pieces(self, question: str) -> list[str]:
         return self.sp.encode(question, out_type=str)
+
+
+def _training_error(error: RuntimeError, vocab_size: int, questions: int) -> DataError:
+    """SentencePiece's RuntimeError (a C++ assertion) as a DataError that says what to change."""
+    if questions == 0:
+        return DataError("no questions to train the tokenizer on (the corpus is empty or blank)")
+    # e.g. "Vocabulary size is smaller than required_chars. 100 vs 281.": the smallest that works is 281
+    # (every distinct character, 256 byte-fallback pieces, <pad> and <unk>), measured on easy-VQA.
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
+    if needed:
+        return DataError(f"tokenizer vocabulary size {vocab_size} is too small for these questions: "
+                         f"they need at least {needed.group(1)} pieces (their distinct characters, "
+                         f"256 byte pieces, <pad> and <unk>)")
+    return DataError(f"SentencePiece could not train the tokenizer on {questions} questions: {error}")
 
 
 def pad_questions(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

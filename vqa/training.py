@@ -12,7 +12,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .answers import build_answer_vocabulary
 from .checkpoint import load_checkpoint, render_card, save_checkpoint
-from .config import VQAConfig
-from .data import (ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit, drop_bad_images,
-                   load_easy_vqa, load_vqa_split, split_by_image)
+from .config import VQAConfig, option
+from .data import (BUILTIN_DATASETS, ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit,
+                   load_builtin, load_vqa_split, screen_images, split_by_image)
 from .errors import DataError
-from .features import extract_features
-from .model import VQAModel
-from .text import QuestionTokenizer
+from .evaluation import predict_split
+from .extraction import extract_features
+from .metrics import evaluate_results
+from .model import VQAModel, architecture
+from .text import TOKENIZER_FILE, QuestionTokenizer
 
 
 class TrainingInterrupted(Exception):
@@ -38,59 +40,66 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class TrainOptions:
-    output_dir: str = "checkpoints/my-model"
-    dataset: str = "easy-vqa"  # "easy-vqa" or "files"
-    train_questions: str | None = None  # VQA v2-layout files when dataset == "files"
-    train_annotations: str | None = None
-    train_images: str | None = None
-    test_questions: str | None = None
-    test_annotations: str | None = None
-    test_images: str | None = None
-    backbone: str = "resnet18"
-    pretrained: bool | str = False  # False, True (local cache) or a weights file
-    freeze_backbone: bool = False
-    image_size: int | None = None
-    crop_pct: float | None = None
-    embed_dim: int = 300
-    lstm_hidden: int = 512
-    lstm_layers: int = 2
-    common_dim: int = 1024
-    classifier_hidden: int = 1000
-    dropout: float = 0.5
-    top_answers: int = 3129
-    tokenizer_vocab: int = 4000
-    epochs: float = 10
-    batch_size: int = 128  # questions per step and process
-    learning_rate: float = 1e-3
-    backbone_learning_rate: float | None = None  # a trained-from-scratch CNN wants less than the heads
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 5.0
-    val_fraction: float = 0.1
-    seed: int = 0
-    init_from: str | None = None
-    resume: bool = False
-    num_workers: int = 0
-    feature_cache: str | None = None  # folder; default <output_dir>/features when the backbone is frozen
-    max_train_questions: int | None = None  # a quick run on part of the data
-    skip_bad_images: bool = False  # drop unreadable images (listed in the output) instead of failing
-    save_half: bool = False  # store the final weights in float16
-    logging_steps: int = 20
-    command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["python", *sys.argv]))
+    """Options of a training run. The model's own options (sizes, backbone, attention) are
+    VQAConfig's fields; `training/train.py` offers both."""
+
+    output_dir: str = option("checkpoints/my-model", "checkpoint folder to write (Trainer state goes to OUTPUT_DIR.trainer)")
+    dataset: str = option("easy-vqa", "'easy-vqa' or 'shapes-world' (built in), or 'files' (VQA v2 layout)")
+    train_questions: str | None = option(None, "questions JSON of the training split (--dataset files)")
+    train_annotations: str | None = option(None, "annotations JSON of the training split (--dataset files)")
+    train_images: str | None = option(None, "image folder of the training split (--dataset files)")
+    test_questions: str | None = option(None, "questions JSON of a test split, scored once at the end")
+    test_annotations: str | None = option(None, "annotations JSON of the test split")
+    test_images: str | None = option(None, "image folder of the test split")
+    pretrained: bool = option(False, "start the backbone from ImageNet weights in the local timm/Hugging Face cache")
+    backbone_weights: str | None = option(None, "start the backbone from this .safetensors weights file")
+    top_answers: int = option(3129, "answer vocabulary: the most frequent normalised answers")
+    tokenizer_vocab: int = option(4000, "SentencePiece vocabulary size (fewer when the questions have fewer pieces)")
+    epochs: float = option(10, "training epochs")
+    batch_size: int = option(128, "questions per step and process")
+    learning_rate: float = option(1e-3, "peak learning rate of the heads (cosine schedule with warm-up)")
+    backbone_learning_rate: float | None = option(
+        None, "learning rate of the CNN (default: --learning-rate); a CNN trained from scratch wants less")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.05, "fraction of the steps spent warming up the learning rate")
+    max_grad_norm: float = option(5.0, "gradient clipping norm")
+    val_fraction: float = option(0.1, "fraction of the training images held out for validation (no val split)")
+    seed: int = option(0, "seed of initialisation, split and batch order")
+    init_from: str | None = option(None, "fine-tune this checkpoint: keep its tokenizer and answers, add new ones")
+    resume: bool = option(False, "continue from the last complete checkpoint in OUTPUT_DIR.trainer")
+    num_workers: int = option(0, "data loading processes")
+    feature_cache: str | None = option(None, "feature cache folder (frozen backbone); default OUTPUT_DIR.features")
+    max_train_questions: int | None = option(None, "use only this many training questions (a quick run)")
+    skip_bad_images: bool = option(False, "drop unreadable images (listed in OUTPUT_DIR/skipped_images.json) "
+                                          "instead of stopping before the first step")
+    allow_nonstandard_answers: bool = option(False, "accept questions with other than 10 human answers")
+    save_half: bool = option(False, "store the final weights in float16 (half the size)")
+    logging_steps: int = option(20, "steps between loss logs")
 
 
-def load_training_data(options: TrainOptions) -> tuple[VQASplit, VQASplit | None]:
-    if options.dataset == "easy-vqa":
-        return load_easy_vqa("train"), load_easy_vqa("test")
+def run_command(argv: list[str]) -> str:
+    """The command that reproduces a run: `--resume` continues a run, it does not define one."""
+    return " ".join(shlex.quote(a) for a in ["python", *argv] if a != "--resume")
+
+
+def load_training_data(options: TrainOptions) -> tuple[VQASplit, VQASplit | None, VQASplit | None]:
+    """(train, validation or None to hold out part of train, test or None)."""
+    if options.dataset in BUILTIN_DATASETS:
+        splits = BUILTIN_DATASETS[options.dataset]
+        val = load_builtin(options.dataset, "val") if "val" in splits else None
+        return load_builtin(options.dataset, "train"), val, load_builtin(options.dataset, "test")
     if options.dataset == "files":
         if not (options.train_questions and options.train_annotations and options.train_images):
             raise DataError("--dataset files needs --train-questions, --train-annotations and --train-images")
-        train = load_vqa_split(options.train_questions, options.train_annotations, options.train_images)
+        allow = options.allow_nonstandard_answers
+        train = load_vqa_split(options.train_questions, options.train_annotations, options.train_images,
+                               allow_nonstandard_answers=allow)
         test = None
         if options.test_questions:
-            test = load_vqa_split(options.test_questions, options.test_annotations, options.test_images)
-        return train, test
-    raise DataError(f"unknown dataset {options.dataset!r}: use 'easy-vqa' or 'files'")
+            test = load_vqa_split(options.test_questions, options.test_annotations, options.test_images,
+                                  allow_nonstandard_answers=allow)
+        return train, None, test
+    raise DataError(f"unknown dataset {options.dataset!r}: use {', '.join(BUILTIN_DATASETS)} or 'files'")
 
 
 def extend_answers(model: VQAModel, answers: list[str]) -> VQAModel:
@@ -210,104 +219,133 @@ def plot_curves(log_history: list[dict], path: Path) -> Path:
     return path
 
 
-def train(options: TrainOptions) -> dict:
-    """Train (or fine-tune) and write the checkpoint to options.output_dir. Returns the facts in its card."""
-    started = time.time()
-    out = Path(options.output_dir)
-    work = out.with_name(out.name + ".trainer")  # Trainer checkpoints, TensorBoard logs
-    torch.manual_seed(options.seed)
-    full_train, test = load_training_data(options)
-    skipped = []
-    if options.skip_bad_images:
-        full_train = drop_bad_images(full_train)
-        skipped = list(full_train.skipped_images)
-        if test is not None and test.image_paths:
-            test = drop_bad_images(test)
-            skipped += test.skipped_images
-        if skipped:
-            print(f"--skip-bad-images: skipped {len(skipped)} unreadable images:", *skipped, sep="\n  ", file=sys.stderr)
-    train_part, val_part = split_by_image(full_train, options.val_fraction, options.seed)
+def prepare_data(options: TrainOptions) -> tuple[VQASplit, VQASplit, VQASplit | None, list[dict]]:
+    """(train, validation, test, skipped images), every image screened before any step runs."""
+    train_all, val, test = load_training_data(options)
+    train_all = screen_images(train_all, options.skip_bad_images)
+    skipped = list(train_all.skipped)
+    if val is not None:
+        val = screen_images(val, options.skip_bad_images)
+        skipped += val.skipped
+    else:
+        train_all, val = split_by_image(train_all, options.val_fraction, options.seed)
+    if test is not None and test.image_paths:
+        test = screen_images(test, options.skip_bad_images)
+        skipped += test.skipped
     if options.max_train_questions:
-        train_part.records = train_part.records[: options.max_train_questions]
+        train_all.records = train_all.records[: options.max_train_questions]
+    clash = [i for i in val.image_paths if train_all.image_paths.get(i, val.image_paths[i]) != val.image_paths[i]]
+    if clash:
+        raise DataError(f"image id {clash[0]} names two files, {train_all.image_paths[clash[0]]} (train) and "
+                        f"{val.image_paths[clash[0]]} (validation): image ids must be unique across the splits")
+    if skipped:
+        print(f"--skip-bad-images: skipped {len(skipped)} unreadable images:",
+              *(s["error"] for s in skipped), sep="\n  ", file=sys.stderr)
+    return train_all, val, test, skipped
 
+
+def build_model(options: TrainOptions, model_options: dict, train: VQASplit, work: Path,
+                resume: Path | None) -> tuple[VQAModel, QuestionTokenizer]:
+    """A new model (its tokenizer trained on the training questions), or a fine-tuned one."""
+    answers = build_answer_vocabulary((r["answers"] for r in train.records), options.top_answers)
+    if options.init_from:
+        model, tokenizer = load_checkpoint(options.init_from)
+        return extend_answers(model.train(), answers), tokenizer
+    if resume is not None and (work / TOKENIZER_FILE).is_file():
+        tokenizer = QuestionTokenizer.load(work)
+    else:
+        tokenizer = QuestionTokenizer.train((r["question"] for r in train.records), options.tokenizer_vocab)
+    tokenizer.save(work)  # a resumed run needs the same pieces
+    config = VQAConfig(**model_options, vocab_size=len(tokenizer), id2label=dict(enumerate(answers)),
+                       label2id={a: i for i, a in enumerate(answers)})
+    return VQAModel(config, pretrained_backbone=options.backbone_weights or options.pretrained), tokenizer
+
+
+def image_sources(model: VQAModel, options: TrainOptions, splits: dict[str, VQASplit]) -> dict[str, ImageSource]:
+    """An ImageSource per split: pixels through the model's transform, or, with a frozen
+    backbone, rows of a feature cache that is filled once (each image through the CNN once)."""
+    out = Path(options.output_dir)
+    sources = {}
+    for name, split in splits.items():
+        if model.config.freeze_backbone:
+            folder = Path(options.feature_cache or out.with_name(out.name + ".features")) / name
+            sources[name] = ImageSource(split.image_paths, feature_cache=extract_features(model, split.image_paths, folder))
+        else:
+            sources[name] = ImageSource(split.image_paths, model.image_transform())
+    return sources
+
+
+def training_arguments(options: TrainOptions, work: Path) -> TrainingArguments:
+    use_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(work), num_train_epochs=options.epochs, per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size * 2, learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay, warmup_steps=options.warmup_ratio, lr_scheduler_type="cosine",
+        max_grad_norm=options.max_grad_norm, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="vqa_accuracy", greater_is_better=True,
+        logging_strategy="steps", logging_steps=options.logging_steps, report_to=["tensorboard"],
+        seed=options.seed, data_seed=options.seed, bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not use_cuda, dataloader_num_workers=options.num_workers, dataloader_pin_memory=use_cuda,
+        remove_unused_columns=False, label_names=["labels"], save_only_model=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+class RunClock(TrainerCallback):
+    """Training time summed over every invocation of a run (a resumed run adds to it), kept in
+    OUTPUT_DIR.trainer/run.json with the command that reproduces the run."""
+
+    def __init__(self, work: Path, command: str, resumed: bool):
+        self.path = work / "run.json"
+        self.started = time.time()
+        self.before = 0.0
+        self.command = command
+        if resumed and self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            self.before, self.command = saved["training_time_s"], saved["command"]
+
+    def total(self) -> float:
+        return self.before + time.time() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.write_text(json.dumps({"training_time_s": self.total(), "command": self.command}))
+
+
+def official_scores(model: VQAModel, tokenizer: QuestionTokenizer, split: VQASplit, source: ImageSource) -> dict:
+    """The official metric (overall, per answer type, per question type) of the model on `split`."""
+    predictions = predict_split(model, tokenizer, split, feature_cache=source.feature_cache, progress=False)
+    return evaluate_results(predictions.results, split)
+
+
+def train(options: TrainOptions, model_options: dict | None = None, argv: list[str] | None = None) -> dict:
+    """Train (or fine-tune) and write the checkpoint to options.output_dir. Returns the facts in its card.
+
+    `model_options`: VQAConfig fields (sizes, backbone, attention), ignored when fine-tuning.
+    """
+    out = Path(options.output_dir)
+    work = out.with_name(out.name + ".trainer")
+    torch.manual_seed(options.seed)
+    train_part, val_part, test, skipped = prepare_data(options)
     work.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(work) if options.resume else None
     if options.resume and resume is None:
         print(f"--resume: no complete checkpoint in {work}; starting from the beginning", file=sys.stderr)
-    answers = build_answer_vocabulary((r["answers"] for r in train_part.records), options.top_answers)
-    if options.init_from:
-        model, tokenizer = load_checkpoint(options.init_from)
-        model.train()
-        extend_answers(model, answers)
-    elif resume is not None and (work / "tokenizer.model").is_file():
-        tokenizer = QuestionTokenizer.load(work)
-    else:
-        tokenizer = QuestionTokenizer.train((r["question"] for r in train_part.records), options.tokenizer_vocab)
-    if not options.init_from:
-        tokenizer.save(work)  # a resumed run needs the same pieces
-        config = VQAConfig(
-            backbone=options.backbone, image_size=options.image_size, crop_pct=options.crop_pct,
-            freeze_backbone=options.freeze_backbone, vocab_size=len(tokenizer), embed_dim=options.embed_dim,
-            lstm_hidden=options.lstm_hidden, lstm_layers=options.lstm_layers, common_dim=options.common_dim,
-            classifier_hidden=options.classifier_hidden, dropout=options.dropout,
-            id2label=dict(enumerate(answers)), label2id={a: i for i, a in enumerate(answers)},
-        )
-        model = VQAModel(config, pretrained_backbone=options.pretrained)
-    config = model.config
-    answer_index = config.label2id
-
-    test_images = None
-    if config.freeze_backbone:
-        cache_dir = Path(options.feature_cache or out.with_name(out.name + ".features"))
-        cache = extract_features(model, full_train.image_paths, cache_dir / "train")
-        images = ImageSource(full_train.image_paths, feature_cache=cache)
-        if test is not None and test.image_paths:
-            test_images = ImageSource(test.image_paths, feature_cache=extract_features(model, test.image_paths, cache_dir / "test"))
-    else:
-        transform = model.image_transform()
-        images = ImageSource(full_train.image_paths, transform)
-        if test is not None:
-            test_images = ImageSource(test.image_paths, transform)
-
-    max_tokens = config.max_question_tokens
-    train_set = QuestionDataset(train_part, tokenizer, answer_index, max_tokens)
-    val_set = QuestionDataset(val_part, tokenizer, answer_index, max_tokens)
-    use_cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(work),
-        num_train_epochs=options.epochs,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size * 2,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
-        warmup_steps=options.warmup_ratio,
-        lr_scheduler_type="cosine",
-        max_grad_norm=options.max_grad_norm,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="vqa_accuracy",
-        greater_is_better=True,
-        logging_strategy="steps",
-        logging_steps=options.logging_steps,
-        report_to=["tensorboard"],
-        seed=options.seed,
-        data_seed=options.seed,
-        bf16=use_cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not use_cuda,
-        dataloader_num_workers=options.num_workers,
-        dataloader_pin_memory=use_cuda,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        save_only_model=False,
-        ddp_find_unused_parameters=False,
-    )
+    clock = RunClock(work, run_command(argv if argv is not None else sys.argv), resume is not None)
+    model, tokenizer = build_model(options, model_options or {}, train_part, work, resume)
+    splits = {"train": train_part.subset(train_part.image_ids + val_part.image_ids, "train+val")}
+    splits["train"].image_paths = {**train_part.image_paths, **val_part.image_paths}
+    if test is not None:
+        splits["test"] = test
+    sources = image_sources(model, options, splits)
+    answer_index, max_tokens = model.config.label2id, model.config.max_question_tokens
     stop = StopOnSignal()
     trainer = VQATrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-        data_collator=VQACollator(images, len(answer_index)), compute_metrics=vqa_accuracy_metric,
-        callbacks=[stop], optimizers=(optimizer_for(model, options), None),
+        model=model, args=training_arguments(options, work),
+        train_dataset=QuestionDataset(train_part, tokenizer, answer_index, max_tokens),
+        eval_dataset=QuestionDataset(val_part, tokenizer, answer_index, max_tokens),
+        data_collator=VQACollator(sources["train"], len(answer_index)), compute_metrics=vqa_accuracy_metric,
+        callbacks=[stop, clock], optimizers=(optimizer_for(model, options), None),
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.received is not None:
@@ -319,37 +357,49 @@ def train(options: TrainOptions) -> dict:
             for tensor in list(model.parameters()) + list(model.buffers()):
                 if tensor.is_floating_point():
                     tensor.copy_(tensor.half().float())
-    val_metrics = trainer.evaluate()
+    model.eval()
     facts = {
-        "dataset": options.dataset if options.dataset == "easy-vqa" else full_train.name,
-        "backbone": config.backbone,
-        "answers": len(answer_index),
-        "train_questions": len(train_set),
-        "val_questions": len(val_set),
-        "val_accuracy": round(val_metrics["eval_vqa_accuracy"], 2),
+        "dataset": options.dataset if options.dataset != "files" else train_part.name,
+        "backbone": model.config.backbone, "attention_glimpses": model.config.attention_glimpses,
+        "answers": len(answer_index), "train_questions": len(trainer.train_dataset),
+        "val_questions": len(trainer.eval_dataset),
+        "val_accuracy": round(trainer.evaluate()["eval_vqa_accuracy"], 2),
     }
     if skipped:
         facts["skipped_images"] = len(skipped)
     if test is not None and test.has_answers:
         # The test split is scored once, after every choice has been made on validation.
-        test_set = QuestionDataset(test, tokenizer, answer_index, max_tokens)
-        trainer.data_collator = VQACollator(test_images, len(answer_index))
-        test_metrics = trainer.evaluate(test_set, metric_key_prefix="test")
-        facts["test_questions"] = len(test_set)
-        facts["test_accuracy"] = round(test_metrics["test_vqa_accuracy"], 2)
+        scores = official_scores(model, tokenizer, test, sources["test"])
+        facts.update({"test_questions": len(test.records), "test_accuracy": scores["overall"],
+                      "test_accuracy_per_answer_type": scores["perAnswerType"],
+                      "test_accuracy_per_question_type": scores["perQuestionType"]})
     facts.update({"epochs": options.epochs, "seed": options.seed, "init_from": options.init_from,
-                  "training_time_s": round(time.time() - started), "command": options.command})
+                  "training_time_s": round(clock.total()), "command": clock.command})
     if trainer.is_world_process_zero():
-        curves = plot_curves(trainer.state.log_history, work / "training_curves.png")
-        save_checkpoint(model, tokenizer, out, render_card(facts, model_card_body(facts, config)),
-                        extra_files={"training_curves.png": curves}, half=options.save_half)
-        print(f"saved {out}: " + ", ".join(f"{k}={facts[k]}" for k in ("val_accuracy", "test_accuracy") if k in facts))
+        save_run(model, tokenizer, options, facts, trainer, work, skipped)
     return facts
+
+
+def save_run(model: VQAModel, tokenizer: QuestionTokenizer, options: TrainOptions, facts: dict, trainer: Trainer,
+             work: Path, skipped: list[dict]) -> Path:
+    extra = {"training_curves.png": plot_curves(trainer.state.log_history, work / "training_curves.png")}
+    if skipped:
+        (work / "skipped_images.json").write_text(json.dumps(skipped, indent=2))
+        extra["skipped_images.json"] = work / "skipped_images.json"
+    out = save_checkpoint(model, tokenizer, options.output_dir, render_card(facts, model_card_body(facts, model.config)),
+                          extra_files=extra, half=options.save_half)
+    print(f"saved {out}: " + ", ".join(f"{k}={facts[k]}" for k in ("val_accuracy", "test_accuracy") if k in facts))
+    return out
+
+
+def _accuracy_table(title: str, scores: dict) -> list[str]:
+    rows = [f"| {name} | {value:.2f} |" for name, value in sorted(scores.items())]
+    return ["", f"| {title} | test VQA accuracy (%) |", "|---|---|", *rows]
 
 
 def model_card_body(facts: dict, config: VQAConfig) -> str:
     lines = [
-        f"# VQA model: {config.backbone} + {config.lstm_layers}-layer LSTM",
+        f"# VQA model: {architecture(config)}",
         "",
         'Antol et al. 2015, "deeper LSTM Q + norm I": L2-normalised CNN features and the LSTM question',
         "vector are fused by elementwise product and classified over the answer vocabulary.",
@@ -360,7 +410,9 @@ def model_card_body(facts: dict, config: VQAConfig) -> str:
     ]
     if "test_accuracy" in facts:
         lines.append(f"- Test VQA accuracy: {facts['test_accuracy']} % ({facts['test_questions']} questions)")
-    lines += [f"- Seed: {facts['seed']}, training time: {facts['training_time_s']} s", "", "Reproduce with:", "",
-              "```", facts["command"], "```", "", "![training curves](training_curves.png)"]
+    lines.append(f"- Seed: {facts['seed']}, training time: {facts['training_time_s']} s")
+    if "test_accuracy_per_answer_type" in facts:
+        lines += _accuracy_table("answer type", facts["test_accuracy_per_answer_type"])
+        lines += _accuracy_table("question type", facts["test_accuracy_per_question_type"])
+    lines += ["", "Reproduce with:", "", "```", facts["command"], "```", "", "![training curves](training_curves.png)"]
     return "\n".join(lines)
-

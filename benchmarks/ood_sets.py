@@ -1,0 +1,220 @@
+"""Out-of-distribution image sets made offline, for measuring an OOD detector's AUROC.
+
+    from benchmarks.ood_sets import ALL_SETS
+    images = ALL_SETS["textures"](50, 224)          # 50 PIL RGB images of 224 x 224
+
+Every set is a function `(n, size, seed=0) -> list[PIL.Image]` of RGB images; `size` is
+an int (square) or (width, height). Image i depends only on (seed, i), so the same
+call gives the same images, and asking for more images keeps the first ones.
+
+- `uniform_noise`: every pixel uniform in 0..255, independently per channel.
+- `gradients`: linear (random angle) or radial (random centre) blends of two or three colours.
+- `textures`: sinusoidal gratings, checkerboards, and blurred multi-octave value noise
+  (Perlin-like), in random colour pairs.
+- `text_images`: random words in PIL's default font at random sizes on flat or gradient backgrounds.
+- `package_photos`: views (crops, flips) of the real photos that installed packages ship.
+  Found on this machine with `find site-packages /usr/share -iname '*.jpg' ...`:
+  matplotlib `mpl-data/sample_data/grace_hopper.jpg` (portrait, 512x600), gradio
+  `media_assets/images/{cheetah.jpg, cheetah1.jpg, lion.jpg, tower.jpg, groot.jpeg}`
+  (animals, the Eiffel tower, a film still) and gradio `test_data/cheetah2.jpg`: 7 photos.
+  Logos, icons and screenshots also found there (matplotlib logo2.png, gradio bus.png,
+  avatar.png, logo.png, hf-logo_transpng.png, screenshot.gif, /usr/share/icons) are left
+  out: they are drawings, not photos. Whichever of the 7 are installed are used.
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+# (package, path inside the package) of each real photo; see the module docstring.
+PACKAGE_PHOTOS = (
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    ("gradio", "media_assets/images/cheetah.jpg"),
+    ("gradio", "media_assets/images/cheetah1.jpg"),
+    ("gradio", "media_assets/images/lion.jpg"),
+    ("gradio", "media_assets/images/tower.jpg"),
+    ("gradio", "media_assets/images/groot.jpeg"),
+    ("gradio", "test_data/cheetah2.jpg"),
+)
+PHOTO_VIEWS = 3  # views per photo by default: 7 photos -> 21 images
+WORDS = ("kitchen", "cup", "zebra", "umbrella", "laptop", "pizza", "train", "giraffe", "clock", "surfboard",
+         "OPEN", "SALE", "Stop", "2024", "exit", "menu", "bus", "ticket", "hello", "42", "VQA", "north")
+
+
+def _size(size) -> tuple[int, int]:
+    width, height = (size, size) if isinstance(size, int) else size
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {size!r}")
+    return int(width), int(height)
+
+
+def _rngs(n: int, seed: int, salt: int):
+    """One generator per image, seeded by (seed, set, i): image i does not depend on n."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [np.random.default_rng([seed, salt, i]) for i in range(n)]
+
+
+def _colour(rng) -> np.ndarray:
+    return rng.integers(0, 256, 3).astype(np.float64)
+
+
+def _to_image(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+
+
+def _blend(t: np.ndarray, colours: list[np.ndarray]) -> np.ndarray:
+    """t in [0, 1] of shape (H, W) -> (H, W, 3), piecewise linear through the colours."""
+    t = np.clip(t, 0, 1) * (len(colours) - 1)
+    low = np.minimum(t.astype(int), len(colours) - 2)
+    frac = (t - low)[..., None]
+    stack = np.stack(colours)  # (K, 3)
+    return stack[low] * (1 - frac) + stack[low + 1] * frac
+
+
+def _grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    return x / max(width - 1, 1), y / max(height - 1, 1)  # both in [0, 1]
+
+
+def uniform_noise(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    width, height = _size(size)
+    return [_to_image(rng.integers(0, 256, (height, width, 3))) for rng in _rngs(n, seed, 1)]
+
+
+def gradients(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    width, height = _size(size)
+    x, y = _grid(width, height)
+    images = []
+    for rng in _rngs(n, seed, 2):
+        colours = [_colour(rng) for _ in range(rng.integers(2, 4))]
+        if rng.random() < 0.5:
+            angle = rng.uniform(0, 2 * math.pi)
+            t = x * math.cos(angle) + y * math.sin(angle)
+            t = (t - t.min()) / max(t.max() - t.min(), 1e-12)
+        else:
+            cx, cy = rng.uniform(0, 1, 2)
+            t = np.hypot(x - cx, y - cy)
+            t = t / max(t.max(), 1e-12)
+        images.append(_to_image(_blend(t, colours)))
+    return images
+
+
+def _value_noise(rng, width: int, height: int, octaves: int = 4) -> np.ndarray:
+    """Sum of random grids upsampled bicubically, halving amplitude per octave, in [0, 1]."""
+    total = np.zeros((height, width))
+    for octave in range(octaves):
+        cells = 2 ** (octave + 2)
+        grid = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8), "L")
+        total += np.asarray(grid.resize((width, height), Image.BICUBIC), dtype=np.float64) / 255 * 0.5 ** octave
+    total = (total - total.min()) / max(total.max() - total.min(), 1e-12)
+    return total
+
+
+def textures(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    width, height = _size(size)
+    x, y = _grid(width, height)
+    images = []
+    for i, rng in enumerate(_rngs(n, seed, 3)):
+        colours = [_colour(rng), _colour(rng)]
+        kind = i % 3  # the three kinds in turn, so any n >= 3 holds each
+        if kind == 0:  # sinusoidal grating
+            angle, cycles = rng.uniform(0, math.pi), rng.uniform(3, 20)
+            t = 0.5 + 0.5 * np.sin(2 * math.pi * cycles * (x * math.cos(angle) + y * math.sin(angle))
+                                   + rng.uniform(0, 2 * math.pi))
+        elif kind == 1:  # checkerboard
+            cells = rng.integers(2, 16)
+            t = ((np.floor(x * cells * 0.999) + np.floor(y * cells * 0.999)) % 2).astype(np.float64)
+        else:  # blurred value noise
+            t = _value_noise(rng, width, height)
+        image = _to_image(_blend(t, colours))
+        if kind == 2:
+            image = image.filter(ImageFilter.GaussianBlur(radius=max(width, height) / 100))
+        images.append(image)
+    return images
+
+
+def text_images(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    width, height = _size(size)
+    x, y = _grid(width, height)
+    images = []
+    for rng in _rngs(n, seed, 4):
+        background = _colour(rng)
+        if rng.random() < 0.5:
+            array = np.broadcast_to(background, (height, width, 3))
+        else:
+            array = _blend(x if rng.random() < 0.5 else y, [background, _colour(rng)])
+        image = _to_image(array)
+        draw = ImageDraw.Draw(image)
+        # Dark ink on a light background and light on dark (BT.601 luma), slightly tinted.
+        luma = background @ np.array([0.299, 0.587, 0.114])
+        ink = tuple(int(v) for v in np.clip((20 if luma > 128 else 235) + rng.integers(-20, 21, 3), 0, 255))
+        lines = rng.integers(1, 5)
+        font_size = max(6, int(min(width, height) / rng.uniform(4, 10)))
+        font = ImageFont.load_default(size=font_size)
+        for line in range(lines):
+            words = " ".join(WORDS[k] for k in rng.integers(0, len(WORDS), rng.integers(1, 4)))
+            left = int(rng.uniform(0, 0.3) * width)
+            top = int((line + rng.uniform(0, 0.5)) * height / lines)
+            draw.text((left, top), words, fill=ink, font=font)
+        images.append(image)
+    return images
+
+
+def _photo_paths() -> list[Path]:
+    paths = []
+    for package, inside in PACKAGE_PHOTOS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / inside
+        if path.is_file():
+            paths.append(path)
+    return paths
+
+
+def package_photos(n: int | None = None, size=224, seed: int = 0) -> list[Image.Image]:
+    """n views of the installed packages' photos (default PHOTO_VIEWS per photo).
+
+    The photos are taken in an order shuffled by `seed`, in turn. The first view of each is
+    its centre square; later ones are random crops (25 % to 100 % of the area, aspect 3:4
+    to 4:3), half of them mirrored.
+    """
+    width, height = _size(size)
+    paths = _photo_paths()
+    if not paths:
+        raise FileNotFoundError("none of the photos in PACKAGE_PHOTOS is installed "
+                                f"({', '.join(f'{p}/{f}' for p, f in PACKAGE_PHOTOS)})")
+    if n is None:
+        n = PHOTO_VIEWS * len(paths)
+    photos = [Image.open(paths[k]).convert("RGB") for k in np.random.default_rng([seed, 5]).permutation(len(paths))]
+    images = []
+    for i, rng in enumerate(_rngs(n, seed, 5)):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        if i < len(photos):
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        else:
+            area = rng.uniform(0.25, 1.0) * w * h
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = min(w, int(round(math.sqrt(area * aspect)))), min(h, int(round(math.sqrt(area / aspect))))
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (left, top, left + cw, top + ch)
+        view = photo.resize((width, height), Image.BICUBIC, box=box)
+        if i >= len(photos) and rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        images.append(view)
+    return images
+
+
+ALL_SETS = {
+    "uniform_noise": uniform_noise,
+    "gradients": gradients,
+    "textures": textures,
+    "text_images": text_images,
+    "package_photos": package_photos,
+}

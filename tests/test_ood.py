@@ -1,0 +1,237 @@
+"""vqa/ood.py (the feature-space OOD detector) and benchmarks/ood_sets.py (the OOD image sets)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from benchmarks import ood_sets
+from vqa.errors import CheckpointError
+from vqa.ood import META_FILE, TENSORS_FILE, FeatureDensity, auroc
+
+
+DIM = 128  # at 64 dimensions a 0.75-sigma shift of the centres is harder: AUROC 0.982
+
+
+def clusters(rng, dim=DIM, n_clusters=6, rank=8, dead=0.25):
+    """A sampler of CNN-like features: ReLU of cluster centres + low-rank + isotropic noise,
+    with a quarter of the channels dead (always 0)."""
+    centres = rng.normal(0, 1, (n_clusters, dim))
+    mixing = rng.normal(0, 1, (dim, rank)) / np.sqrt(rank) * 0.6
+    alive = rng.random(dim) > dead
+
+    def sample(n, centres=centres):
+        which = rng.integers(0, len(centres), n)
+        x = centres[which] + rng.normal(0, 1, (n, rank)) @ mixing.T + rng.normal(0, 0.3, (n, dim))
+        return (np.maximum(x, 0) * alive).astype(np.float32)
+
+    return sample, centres, alive
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rng = np.random.default_rng(0)
+    sample, centres, alive = clusters(rng)
+    train, heldout, test = sample(2000), sample(1000), sample(2000)
+    density = FeatureDensity().fit(train, heldout, false_alarm_rate=0.01)
+    ood = {
+        "new clusters": sample(500, centres=rng.normal(0, 1, centres.shape)),
+        "centres shifted by 0.75 sigma": sample(500, centres=centres + 0.75 * rng.normal(0, 1, centres.shape)),
+        "noise": np.maximum(rng.normal(0, 1, (500, len(alive))), 0).astype(np.float32),
+    }
+    return density, heldout, test, ood
+
+
+def sklearn_ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    """scikit-learn's ledoit_wolf_shrinkage, written out as its source computes it (F x F products)."""
+    x = x - x.mean(axis=0)
+    n, p = x.shape
+    x2 = x**2
+    trace = x2.sum(axis=0) / n
+    mu = trace.sum() / p
+    beta_ = (x2.T @ x2).sum()
+    delta_ = ((x.T @ x) ** 2).sum() / n**2
+    beta = (beta_ / n - delta_) / (p * n)
+    delta = (delta_ - 2 * mu * trace.sum() + p * mu**2) / p
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else beta / delta
+
+
+def normalised(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_separates_out_of_distribution_features(fitted):
+    density, _, test, ood = fitted
+    in_scores = density.score(test)
+    for name, features in ood.items():
+        assert auroc(in_scores, density.score(features)) > 0.99, name
+    # New in-distribution features: ~1 % flagged (the threshold is an estimate from 1000 images).
+    assert density.flag(test).mean() <= 0.02
+    assert density.flag(ood["noise"]).mean() > 0.95
+
+
+def test_threshold_is_the_heldout_quantile(fitted):
+    density, heldout, _, _ = fitted
+    scores = density.score(heldout)
+    assert density.threshold == np.quantile(scores, 0.99, method="higher")
+    assert density.flag(heldout).sum() <= 10  # at most 1 % of 1000
+    train = np.random.default_rng(1).random((300, 16))
+    loose = FeatureDensity().fit(train[:200], train[200:], false_alarm_rate=0.1)
+    assert loose.flag(train[200:]).sum() <= 10  # at most 10 % of 100
+    assert loose.false_alarm_rate == 0.1 and loose.heldout_images == 100 and loose.train_images == 200
+
+
+def test_score_is_the_mahalanobis_distance_under_ledoit_wolf():
+    rng = np.random.default_rng(2)
+    for n, p in ((400, 24), (30, 50)):  # more images than dimensions, and fewer
+        train = np.abs(rng.normal(size=(n, p))) * rng.random(p)
+        query = np.abs(rng.normal(size=(5, p)))
+        density = FeatureDensity().fit(train, train[:10])
+        x = normalised(train)
+        shrinkage = sklearn_ledoit_wolf_shrinkage(x)
+        assert density.shrinkage == pytest.approx(shrinkage, rel=1e-9)
+        mean = x.mean(axis=0)
+        covariance = np.cov(x.T, bias=True)
+        shrunk = (1 - shrinkage) * covariance + shrinkage * np.trace(covariance) / p * np.eye(p)
+        centred = normalised(query) - mean
+        expected = np.sqrt(np.einsum("ij,jk,ik->i", centred, np.linalg.inv(shrunk), centred))
+        np.testing.assert_allclose(density.score(query), expected, rtol=1e-4)  # parameters are float32
+
+
+def test_fewer_images_than_dimensions():
+    rng = np.random.default_rng(3)
+    sample, _, alive = clusters(rng, dim=512, rank=16)
+    train, heldout, test = sample(150), sample(100), sample(300)
+    density = FeatureDensity().fit(train, heldout)
+    assert density.components.shape == (512, 150)  # only the N directions the data spans
+    noise = np.maximum(rng.normal(size=(300, 512)), 0)
+    scores = density.score(test)
+    assert np.isfinite(scores).all()
+    assert auroc(scores, density.score(noise)) > 0.99
+
+
+def test_constant_and_dead_dimensions():
+    rng = np.random.default_rng(4)
+    train = rng.random((500, 32)).astype(np.float32)
+    train[:, :12] = 0.0  # dead ReLU channels
+    train[:, 12:16] = 0.5  # constant channels
+    density = FeatureDensity().fit(train[:400], train[400:])
+    assert np.isfinite(density.score(train)).all()
+    assert (density.variances > 0).all() and density.residual_variance > 0
+    lit = train[400:].copy()
+    lit[:, 0] = 0.5  # a dead channel firing: unlike anything in training
+    assert density.flag(lit).all()
+
+
+def test_half_precision_and_torch_inputs(fitted):
+    density, heldout, _, _ = fitted
+    half = heldout[:50].astype(np.float16)
+    expected = density.score(half.astype(np.float32))
+    np.testing.assert_array_equal(density.score(half), expected)
+    np.testing.assert_array_equal(density.score(torch.from_numpy(half)), expected)
+    assert density.score(half[0]).shape == (1,)  # one feature vector
+
+
+def test_bad_inputs_are_refused(fitted):
+    density = fitted[0]
+    with pytest.raises(ValueError, match=str(DIM)):
+        density.score(np.zeros((2, DIM - 1)))
+    bad = np.ones((3, DIM))
+    bad[1, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        density.score(bad)
+    with pytest.raises(ValueError, match="identical"):
+        FeatureDensity().fit(np.ones((10, 4)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        FeatureDensity().fit(np.eye(4), np.eye(4), false_alarm_rate=1.0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        FeatureDensity().score(np.ones((1, 4)))
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    density, heldout, test, ood = fitted
+    density.save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["threshold"] == density.threshold and meta["feature_dim"] == DIM
+    assert meta["train_images"] == 2000 and meta["heldout_images"] == 1000 and meta["false_alarm_rate"] == 0.01
+    loaded = FeatureDensity.load(tmp_path)
+    for features in (test, ood["noise"]):
+        np.testing.assert_array_equal(loaded.score(features), density.score(features))
+    assert loaded.threshold == density.threshold
+    np.testing.assert_array_equal(loaded.flag(test), density.flag(test))
+
+
+def test_load_absent_and_half_present(fitted, tmp_path):
+    assert FeatureDensity.load(tmp_path) is None
+    fitted[0].save(tmp_path)
+    (tmp_path / META_FILE).unlink()
+    with pytest.raises(CheckpointError, match="ood.json"):
+        FeatureDensity.load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage tensors", "NaN tensor", "wrong shape", "bad JSON", "NaN threshold",
+                                    "other version", "missing tensor"])
+def test_damaged_files_are_named(fitted, tmp_path, damage):
+    fitted[0].save(tmp_path)
+    tensors_path, meta_path = tmp_path / TENSORS_FILE, tmp_path / META_FILE
+    tensors, meta = load_file(str(tensors_path)), json.loads(meta_path.read_text())
+    named = TENSORS_FILE
+    if damage == "garbage tensors":
+        tensors_path.write_bytes(b"\x00\x01 not safetensors at all")
+    elif damage == "NaN tensor":
+        tensors["mean"][3] = np.nan
+        save_file(tensors, str(tensors_path))
+    elif damage == "wrong shape":
+        tensors["variances"] = tensors["variances"][:-1]
+        save_file(tensors, str(tensors_path))
+    elif damage == "missing tensor":
+        del tensors["components"]
+        save_file(tensors, str(tensors_path))
+    else:
+        named = META_FILE
+        if damage == "bad JSON":
+            meta_path.write_text('{"threshold": 3.0,')
+        else:
+            meta.update({"NaN threshold": {"threshold": float("nan")}, "other version": {"version": 2}}[damage])
+            meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        FeatureDensity.load(tmp_path)
+
+
+def test_auroc_by_hand():
+    assert auroc([1, 2, 3], [4, 5]) == 1.0
+    assert auroc([4, 5], [1, 2, 3]) == 0.0
+    # Pairs (in, out): (1,2) (1,3) (2,3) are ordered, (2,2) is a tie counted half: 3.5 / 4.
+    assert auroc([1, 2], [2, 3]) == 0.875
+    assert auroc([7, 7, 7], [7, 7]) == 0.5
+    # (0,1)=1, (0,0)=0.5, (2,1)=0, (2,0)=0: 1.5 / 4
+    assert auroc([0, 2], [1, 0]) == 0.375
+    with pytest.raises(ValueError, match="both sides"):
+        auroc([], [1.0])
+
+
+@pytest.mark.parametrize("name", sorted(ood_sets.ALL_SETS))
+def test_ood_sets_give_the_asked_images(name):
+    make = ood_sets.ALL_SETS[name]
+    if name == "package_photos" and not ood_sets._photo_paths():
+        pytest.skip("none of the packages' photos is installed here")
+    images = make(5, (40, 30))
+    assert len(images) == 5
+    assert all(im.mode == "RGB" and im.size == (40, 30) for im in images)
+    again = make(5, (40, 30))
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in again]
+    assert [im.tobytes() for im in make(3, (40, 30))] == [im.tobytes() for im in images[:3]]  # prefix-stable
+    assert [im.tobytes() for im in make(5, (40, 30), seed=1)] != [im.tobytes() for im in images]
+    assert len({im.tobytes() for im in images}) == 5  # no two alike
+    assert make(2, 24)[0].size == (24, 24)
+
+
+def test_package_photos_default_count():
+    paths = ood_sets._photo_paths()
+    if not paths:
+        pytest.skip("none of the packages' photos is installed here")
+    assert len(ood_sets.package_photos(size=32)) == ood_sets.PHOTO_VIEWS * len(paths)

@@ -1,0 +1,532 @@
+"""The language of the shapes world: its vocabulary, functional programs, templates, balance.
+
+As in CLEVR (Johnson et al. 2017, "CLEVR: A Diagnostic Dataset for Compositional Language
+and Elementary Visual Reasoning", https://cs.stanford.edu/people/jcjohns/clevr/), a
+question is a functional program over the scene graph (filter_<attr>, relate, same_<attr>,
+unique, count, exist, query_<attr>, equal_<attr>, equal_integer, greater_than, less_than,
+union, intersect); executing it gives the answer, and an English template with synonyms
+gives the text. The same templates, compiled to regular expressions, read a free question
+back (`true_answer`).
+
+Generation (`QuestionGenerator`) draws, per question, a *plan* (template, attributes named
+in the text, which attribute kinds each free description uses) and then up to
+`CANDIDATES` random fillings of it (attribute values, relations, referenced objects),
+executes each, and keeps one whose answer is the least used so far for that plan (the
+rejection sampling of CLEVR's generator, keyed finer). Attribute values of a filling are
+drawn symmetrically (a random object's values or uniform ones), so every text of a plan
+is equally likely under every answer: P(answer | exact text) ~ P(answer | plan), which the
+counts keep flat. That is what makes a question-only model weak (`blind_baseline`).
+
+A scene is a dict as `vqa.shapes_world` writes it: `objects` (shape, color, size,
+material, pixel_coords, radius) and `relationships[rel][i]` = the objects that are `rel`
+of object i. A pair closer than the relation margin along an axis is in neither list of
+that axis; a relation question about such a pair is ambiguous and never asked or answered.
+"""
+
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .answers import vqa_accuracy
+
+# Attribute -> values. Descriptions name them in CLEVR's order: size, color, material, shape.
+ATTRIBUTES = {
+    "size": ("small", "large"),
+    "color": ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow"),
+    "material": ("solid", "outline"),  # filled, or a thick outline around background: the 2D rubber/metal
+    "shape": ("circle", "square", "triangle", "diamond"),
+}
+RELATIONS = ("left", "right", "above", "below")
+FAMILIES = ("exist", "count", "compare_integer", "query_attribute", "compare_attribute")
+ANSWER_TYPES = {"exist": "yes/no", "count": "number", "compare_integer": "yes/no",
+                "query_attribute": "other", "compare_attribute": "yes/no"}
+
+# Words for each value in questions; generation picks any, parsing accepts any.
+WORDS = {
+    "small": ("small", "tiny"), "large": ("large", "big"),
+    "solid": ("solid", "filled"), "outline": ("outline", "hollow"),
+    "circle": ("circle", "ball"), "square": ("square", "block"),
+    "triangle": ("triangle",), "diamond": ("diamond",),
+    **{color: (color,) for color in ATTRIBUTES["color"]},
+}
+THING_WORDS = ("thing", "object")  # the noun when the description names no shape
+RELATION_WORDS = {"left": ("left of", "to the left of"), "right": ("right of", "to the right of"),
+                  "above": ("above",), "below": ("below", "beneath")}
+# Accepted when parsing, never generated.
+SPELLING_VARIANTS = {"grey": "gray", "colour": "color", "outlined": "outline", "cube": "square", "sphere": "circle"}
+_VALUE_OF_WORD = {word: value for value, words in WORDS.items() for word in words}
+_KIND_OF_VALUE = {value: kind for kind, values in ATTRIBUTES.items() for value in values}
+
+
+class Ambiguous(Exception):
+    """A reference matches zero or several objects, or a relation meets a pair closer than the margin."""
+
+
+# ----------------------------------------------------------------------------- programs
+# A program is a nested tuple (function, side_input, *inputs), CLEVR's functions by name.
+SCENE = ("scene", None)
+
+
+def filtered(description: dict, inner=SCENE) -> tuple:
+    for kind in ATTRIBUTES:
+        if kind in description:
+            inner = (f"filter_{kind}", description[kind], inner)
+    return inner
+
+
+def unique(description: dict, inner=SCENE) -> tuple:
+    return ("unique", None, filtered(description, inner))
+
+
+def relate(relation: str, obj: tuple) -> tuple:
+    return ("relate", relation, obj)
+
+
+def same(kind: str, obj: tuple) -> tuple:
+    return (f"same_{kind}", None, obj)
+
+
+def execute(program: tuple, scene: dict):
+    """The value of a program on a scene: a frozenset of object indices, an index, int, bool or str.
+
+    Raises Ambiguous where CLEVR's executor would return an error.
+    """
+    name, side, *inputs = program
+    args = [execute(p, scene) for p in inputs]
+    objects = scene["objects"]
+    op, _, kind = name.partition("_")
+    if name == "scene":
+        return frozenset(range(len(objects)))
+    if op == "filter":
+        return frozenset(i for i in args[0] if objects[i][kind] == side)
+    if name == "unique":
+        if len(args[0]) != 1:
+            raise Ambiguous(f"{len(args[0])} objects match a reference that must name one")
+        return next(iter(args[0]))
+    if name == "relate":
+        return _related(scene, side, args[0])
+    if op == "same":
+        return frozenset(j for j, o in enumerate(objects) if j != args[0] and o[kind] == objects[args[0]][kind])
+    if op == "query":
+        return objects[args[0]][kind]
+    simple = {"count": lambda s: len(s), "exist": lambda s: bool(s), "union": frozenset.union,
+              "intersect": frozenset.intersection, "equal": lambda a, b: a == b,
+              "greater": lambda a, b: a > b, "less": lambda a, b: a < b}
+    if op in simple:
+        return simple[op](*args)
+    raise ValueError(f"unknown program function {name!r}")
+
+
+def _related(scene: dict, relation: str, obj: int) -> frozenset:
+    relationships = scene["relationships"]
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[relation]
+    # An object in neither list of the axis sits within the margin of `obj`: its side is unclear.
+    decided = len(relationships[relation][obj]) + len(relationships[opposite][obj])
+    if decided != len(scene["objects"]) - 1:
+        raise Ambiguous(f"an object is too close to object {obj} to say what is {relation} of it")
+    return frozenset(relationships[relation][obj])
+
+
+def answer_text(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------- templates
+@dataclass(frozen=True)
+class Slot:
+    """One blank of a template.
+
+    kind: "free" (a description, values drawn at random), "ref" (names one object: unique
+    among `within`, or the scene), "rel" (a relation) or "attr" (an attribute name).
+    avoid: attr slots whose attribute this description must not name (it would give the answer away).
+    """
+
+    name: str
+    kind: str
+    avoid: tuple = ()
+    nonempty: bool = False  # free: name at least one attribute ("things" would make it trivial)
+    within: Callable | None = None  # ref: slots -> program of the set the object is unique in
+    distinct: tuple = ()  # ref: ref slots whose object this one must not be
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    family: str
+    texts: tuple  # English variants; {X} a slot, {X:pl} a plural description, {a} "a"/"an"
+    slots: tuple
+    build: Callable  # slots -> program
+
+    @property
+    def relation(self) -> bool:
+        return any(s.kind == "rel" for s in self.slots)
+
+
+def _count(p):
+    return ("count", None, p)
+
+
+def _query(kind, p):
+    return (f"query_{kind}", None, p)
+
+
+def _in_relation(s, d="D", r="R", u="U"):
+    return filtered(s[d], relate(s[r], unique(s[u])))
+
+
+def _same_as(s, d="D", a="A", u="U"):
+    return filtered(s[d], same(s[a], unique(s[u])))
+
+
+_U, _R, _A, _Q = Slot("U", "ref"), Slot("R", "rel"), Slot("A", "attr"), Slot("Q", "attr")
+_D1, _D2 = Slot("D1", "free", nonempty=True), Slot("D2", "free", nonempty=True)
+
+TEMPLATES = (
+    Template("exist", "exist", ("Are there any {D:pl}?", "Is there {a} {D}?"),
+             (Slot("D", "free", nonempty=True),), lambda s: ("exist", None, filtered(s["D"]))),
+    Template("exist_relate", "exist", ("Are there any {D:pl} {R} the {U}?", "Is there {a} {D} {R} the {U}?"),
+             (_U, _R, Slot("D", "free")), lambda s: ("exist", None, _in_relation(s))),
+    Template("exist_same", "exist", ("Are there any other {D:pl} that have the same {A} as the {U}?",
+                                     "Is there another {D} that has the same {A} as the {U}?"),
+             (_U, _A, Slot("D", "free", avoid=("A",))), lambda s: ("exist", None, _same_as(s))),
+    Template("count", "count", ("How many {D:pl} are there?", "What number of {D:pl} are there?"),
+             (Slot("D", "free"),), lambda s: _count(filtered(s["D"]))),
+    Template("count_relate", "count", ("How many {D:pl} are {R} the {U}?", "What number of {D:pl} are {R} the {U}?"),
+             (_U, _R, Slot("D", "free")), lambda s: _count(_in_relation(s))),
+    Template("count_same", "count", ("How many other {D:pl} have the same {A} as the {U}?",
+                                     "What number of other {D:pl} have the same {A} as the {U}?"),
+             (_U, _A, Slot("D", "free", avoid=("A",))), lambda s: _count(_same_as(s))),
+    Template("count_or", "count", ("How many things are either {D1:pl} or {D2:pl}?",
+                                   "What number of objects are {D1:pl} or {D2:pl}?"),
+             (_D1, _D2), lambda s: _count(("union", None, filtered(s["D1"]), filtered(s["D2"])))),
+    Template("count_and", "count", ("How many {D:pl} are both {R1} the {U1} and {R2} the {U2}?",
+                                    "What number of {D:pl} are {R1} the {U1} and {R2} the {U2}?"),
+             (Slot("U1", "ref"), Slot("R1", "rel"), Slot("U2", "ref"), Slot("R2", "rel"), Slot("D", "free")),
+             lambda s: _count(filtered(s["D"], ("intersect", None, relate(s["R1"], unique(s["U1"])),
+                                                relate(s["R2"], unique(s["U2"])))))),
+    Template("compare_more", "compare_integer", ("Are there more {D1:pl} than {D2:pl}?",),
+             (_D1, _D2), lambda s: ("greater_than", None, _count(filtered(s["D1"])), _count(filtered(s["D2"])))),
+    Template("compare_fewer", "compare_integer", ("Are there fewer {D1:pl} than {D2:pl}?",),
+             (_D1, _D2), lambda s: ("less_than", None, _count(filtered(s["D1"])), _count(filtered(s["D2"])))),
+    Template("compare_equal", "compare_integer", ("Are there the same number of {D1:pl} and {D2:pl}?",
+                                                  "Is the number of {D1:pl} the same as the number of {D2:pl}?"),
+             (_D1, _D2), lambda s: ("equal_integer", None, _count(filtered(s["D1"])), _count(filtered(s["D2"])))),
+    Template("compare_more_relate", "compare_integer", ("Are there more {D1:pl} {R} the {U} than {D2:pl}?",),
+             (_U, _R, Slot("D1", "free"), _D2),
+             lambda s: ("greater_than", None, _count(_in_relation(s, "D1")), _count(filtered(s["D2"])))),
+    Template("compare_fewer_relate", "compare_integer", ("Are there fewer {D1:pl} {R} the {U} than {D2:pl}?",),
+             (_U, _R, Slot("D1", "free"), _D2),
+             lambda s: ("less_than", None, _count(_in_relation(s, "D1")), _count(filtered(s["D2"])))),
+    Template("compare_equal_same", "compare_integer",
+             ("Are there as many {D1:pl} as other {D2:pl} that have the same {A} as the {U}?",
+              "Is the number of {D1:pl} the same as the number of other {D2:pl} that have the same {A} as the {U}?"),
+             (_D1, _U, _A, Slot("D2", "free", avoid=("A",))),
+             lambda s: ("equal_integer", None, _count(filtered(s["D1"])), _count(_same_as(s, "D2")))),
+    Template("query", "query_attribute", ("What {Q} is the {U}?", "What is the {Q} of the {U}?"),
+             (_Q, Slot("U", "ref", avoid=("Q",))), lambda s: _query(s["Q"], unique(s["U"]))),
+    Template("query_relate", "query_attribute", ("What {Q} is the {D} {R} the {U}?",
+                                                 "What is the {Q} of the {D} that is {R} the {U}?"),
+             (_Q, _U, _R, Slot("D", "ref", avoid=("Q",), within=lambda s: relate(s["R"], unique(s["U"])))),
+             lambda s: _query(s["Q"], ("unique", None, _in_relation(s)))),
+    Template("query_same", "query_attribute", ("What {Q} is the other {D} that has the same {A} as the {U}?",
+                                               "What is the {Q} of the other {D} that has the same {A} as the {U}?"),
+             (_Q, Slot("A", "attr", avoid=("Q",)), _U,
+              Slot("D", "ref", avoid=("Q", "A"), within=lambda s: same(s["A"], unique(s["U"])))),
+             lambda s: _query(s["Q"], ("unique", None, _same_as(s)))),
+    Template("same_attr", "compare_attribute", ("Does the {U1} have the same {A} as the {U2}?",
+                                                "Is the {U1} the same {A} as the {U2}?"),
+             (_A, Slot("U1", "ref", avoid=("A",)), Slot("U2", "ref", avoid=("A",), distinct=("U1",))),
+             lambda s: (f"equal_{s['A']}", None, _query(s["A"], unique(s["U1"])), _query(s["A"], unique(s["U2"])))),
+    Template("same_attr_relate", "compare_attribute",
+             ("Does the {D} {R} the {U1} have the same {A} as the {U2}?",
+              "Is the {D} that is {R} the {U1} the same {A} as the {U2}?"),
+             (_A, Slot("U1", "ref"), _R,
+              Slot("D", "ref", avoid=("A",), within=lambda s: relate(s["R"], unique(s["U1"]))),
+              Slot("U2", "ref", avoid=("A",), distinct=("D",))),
+             lambda s: (f"equal_{s['A']}", None, _query(s["A"], ("unique", None, _in_relation(s, u="U1"))),
+                        _query(s["A"], unique(s["U2"])))),
+)
+TEMPLATES_BY_ID = {t.id: t for t in TEMPLATES}
+FAMILY_TEMPLATES = {family: tuple(t for t in TEMPLATES if t.family == family) for family in FAMILIES}
+
+
+# -------------------------------------------------------------------------------- text
+# Slot names say what fills them: D*/U* a description, R* a relation, A/Q an attribute name.
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::(pl))?\}")
+
+
+def describe(description: dict, plural: bool, rng: random.Random) -> str:
+    """'small red hollow circles': size, color, material, then the shape noun or 'thing'/'object'."""
+    words = [rng.choice(WORDS[description[k]]) for k in ("size", "color", "material") if k in description]
+    noun = rng.choice(WORDS[description["shape"]] if "shape" in description else THING_WORDS)
+    return " ".join(words + [noun + ("s" if plural else "")])
+
+
+def render_text(text: str, slots: dict, rng: random.Random) -> str:
+    def fill(match):
+        name, plural = match.group(1), match.group(2) == "pl"
+        if name == "a":
+            return "{a}"  # "a" or "an": known once the next word is
+        if name[0] in "DU":
+            return describe(slots[name], plural, rng)
+        if name[0] == "R":
+            return rng.choice(RELATION_WORDS[slots[name]])
+        return slots[name]
+
+    filled = _PLACEHOLDER.sub(fill, text)
+    return re.sub(r"\{a\} (\w)", lambda m: ("an " if m.group(1) in "aeiou" else "a ") + m.group(1), filled)
+
+
+def _alternation(words) -> str:
+    return "|".join(sorted((re.escape(w) for w in words), key=len, reverse=True))
+
+
+_ADJECTIVE = _alternation(w for v, ws in WORDS.items() if _KIND_OF_VALUE[v] != "shape" for w in ws)
+_NOUN = _alternation([w for v in ATTRIBUTES["shape"] for w in WORDS[v]] + list(THING_WORDS))
+_SLOT_PATTERNS = {
+    "D": rf"(?:(?:{_ADJECTIVE}) )*(?:{_NOUN})s?",
+    "R": _alternation(w for ws in RELATION_WORDS.values() for w in ws),
+    "A": _alternation(ATTRIBUTES),
+}
+
+
+def _compile(text: str) -> re.Pattern:
+    """A template variant as a regex over normalised text (see `normalize_question`)."""
+    parts, position = [], 0
+    for match in _PLACEHOLDER.finditer(text):
+        parts.append(re.escape(text[position:match.start()].lower()))
+        name = match.group(1)
+        if name == "a":
+            parts.append("an?")
+        else:
+            kind = {"U": "D", "Q": "A"}.get(name[0], name[0])
+            parts.append(f"(?P<{name}>{_SLOT_PATTERNS[kind]})")
+        position = match.end()
+    parts.append(re.escape(text[position:].lower().rstrip("?")))
+    return re.compile("".join(parts))
+
+
+_COMPILED = [(template, _compile(text)) for template in TEMPLATES for text in template.texts]
+_RELATION_OF_WORDS = {w: rel for rel, ws in RELATION_WORDS.items() for w in ws}
+
+
+def normalize_question(text: str) -> str:
+    """Lower case, single spaces, no final '?', '.' or '!', spelling variants mapped ('grey' -> 'gray')."""
+    words = []
+    for word in text.lower().replace("?", " ").split():
+        stem, plural = (word[:-1], "s") if word.endswith("s") and word[:-1] in SPELLING_VARIANTS else (word, "")
+        words.append(SPELLING_VARIANTS.get(stem, stem) + plural)
+    return " ".join(words).rstrip(".!").strip()
+
+
+def _description(words: str) -> dict | None:
+    """'small red circles' -> {'size': 'small', 'color': 'red', 'shape': 'circle'}; None if it names a kind twice."""
+    *adjectives, noun = words.split()
+    if noun not in _VALUE_OF_WORD and noun not in THING_WORDS:
+        noun = noun[:-1]  # plural
+    description = {} if noun in THING_WORDS else {"shape": _VALUE_OF_WORD[noun]}
+    for word in adjectives:
+        value = _VALUE_OF_WORD[word]
+        if _KIND_OF_VALUE[value] in description:
+            return None
+        description[_KIND_OF_VALUE[value]] = value
+    return description
+
+
+def parse_question(text: str) -> tuple[Template, dict] | None:
+    """(template, slots) of the first template a question matches, or None."""
+    normalized = normalize_question(text)
+    for template, pattern in _COMPILED:
+        match = pattern.fullmatch(normalized)
+        if not match:
+            continue
+        slots = {}
+        for name, value in match.groupdict().items():
+            if name[0] in "DU":
+                slots[name] = _description(value)
+            elif name[0] == "R":
+                slots[name] = _RELATION_OF_WORDS[value]
+            else:
+                slots[name] = value
+        if None not in slots.values():
+            return template, slots
+    return None
+
+
+def true_answer(scene: dict, question: str) -> str | None:
+    """The answer to a free question about a scene, if it is one of the template questions.
+
+    None when the question matches no template (case, spaces and a final '?' do not
+    matter; synonyms and spelling variants are accepted), or when it presumes an object
+    that is not unique in the scene, or asks about a relation that the margin leaves open.
+    """
+    parsed = parse_question(question)
+    if parsed is None:
+        return None
+    template, slots = parsed
+    try:
+        return answer_text(execute(template.build(slots), scene))
+    except Ambiguous:
+        return None
+
+
+# -------------------------------------------------------------------------- generation
+CANDIDATES = 8  # valid fillings of a plan that the balance chooses from
+ATTEMPTS = 40  # fillings tried per plan before giving the plan up
+PLANS = 30  # plans tried per question before trying another family
+# How often a free description or a reference starts out naming each kind (a reference
+# then adds kinds until it names one object).
+KIND_PROBABILITY = {"size": 0.3, "color": 0.45, "material": 0.3, "shape": 0.5}
+
+
+class QuestionGenerator:
+    """Balanced questions for a stream of scenes; the answer counts carry from scene to scene.
+
+    The same seed and the same scenes in the same order give the same questions.
+    """
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+        self.by_plan: dict[tuple, Counter] = defaultdict(Counter)
+        self.by_family: dict[str, Counter] = defaultdict(Counter)
+
+    def questions(self, scene: dict, n: int) -> list[dict]:
+        """n questions on the scene (fewer only where the scene allows fewer), the families in turn.
+
+        Each: question, answer, family, answer_type, template, relation, program.
+        """
+        out, seen = [], set()
+        start = self.rng.randrange(len(FAMILIES))
+        for k in range(n):
+            families = FAMILIES[(start + k) % len(FAMILIES):] + FAMILIES[:(start + k) % len(FAMILIES)]
+            for family in families:  # the next families only where a scene cannot ask this one
+                question = self._question(scene, family, seen)
+                if question is not None:
+                    out.append(question)
+                    seen.add(question["question"])
+                    break
+        return out
+
+    def _question(self, scene: dict, family: str, seen: set) -> dict | None:
+        for _ in range(PLANS):
+            template = self.rng.choice(FAMILY_TEMPLATES[family])
+            plan = self._plan(template)
+            key = (template.id, *sorted(plan.items()))
+            candidates: dict[str, list] = {}
+            for _ in range(ATTEMPTS):
+                slots = self._fill(template, plan, scene)
+                if slots is None:
+                    continue
+                try:
+                    answer = answer_text(execute(template.build(slots), scene))
+                except Ambiguous:
+                    continue
+                candidates.setdefault(answer, []).append(slots)
+                if sum(map(len, candidates.values())) == CANDIDATES:
+                    break
+            if not candidates:
+                continue
+            # Rejection sampling: keep the answer this plan (then this family) has given least.
+            answer = min(candidates, key=lambda a: (self.by_plan[key][a], self.by_family[family][a], self.rng.random()))
+            slots = self.rng.choice(candidates[answer])
+            text = render_text(self.rng.choice(template.texts), slots, self.rng)
+            text = text[0].upper() + text[1:]
+            if text in seen:
+                continue
+            self.by_plan[key][answer] += 1
+            self.by_family[family][answer] += 1
+            return {"question": text, "answer": answer, "family": family, "answer_type": ANSWER_TYPES[family],
+                    "template": template.id, "relation": template.relation, "program": template.build(slots)}
+        return None
+
+    def _plan(self, template: Template) -> dict:
+        """What the question's text fixes before its values: attribute names, kinds of free descriptions."""
+        plan = {}
+        for slot in template.slots:
+            avoid = {plan[name] for name in slot.avoid}
+            if slot.kind == "attr":
+                plan[slot.name] = self.rng.choice([k for k in ATTRIBUTES if k not in avoid])
+            elif slot.kind == "free":
+                while True:
+                    kinds = tuple(k for k in ATTRIBUTES if k not in avoid and self.rng.random() < KIND_PROBABILITY[k])
+                    if kinds or not slot.nonempty:
+                        break
+                plan[slot.name] = kinds
+        return plan
+
+    def _fill(self, template: Template, plan: dict, scene: dict) -> dict | None:
+        """Random values for the plan's slots, or None where a reference cannot be made."""
+        objects = scene["objects"]
+        slots, chosen = {}, {}
+        for slot in template.slots:
+            if slot.kind == "attr":
+                slots[slot.name] = plan[slot.name]
+            elif slot.kind == "rel":
+                slots[slot.name] = self.rng.choice(RELATIONS)
+            elif slot.kind == "free":
+                # A random object's values or uniform ones: symmetric in the values, so the
+                # text does not tell the answer, and "yes"/nonzero answers are common enough.
+                source = self.rng.choice(objects) if self.rng.random() < 0.5 else None
+                slots[slot.name] = {k: source[k] if source else self.rng.choice(ATTRIBUTES[k]) for k in plan[slot.name]}
+            else:
+                try:
+                    context = execute(slot.within(slots), scene) if slot.within else range(len(objects))
+                except Ambiguous:
+                    return None
+                context = sorted(set(context) - {chosen[name] for name in slot.distinct})
+                if not context:
+                    return None
+                chosen[slot.name] = self.rng.choice(context)
+                avoid = {plan[name] for name in slot.avoid}
+                slots[slot.name] = self._unique_description(objects, chosen[slot.name], context, avoid)
+                if slots[slot.name] is None:
+                    return None
+        return slots
+
+    def _unique_description(self, objects: list, target: int, context: list, avoid: set) -> dict | None:
+        """A description of objects[target] that no other object of `context` fits (CLEVR's refinement)."""
+        allowed = [k for k in ATTRIBUTES if k not in avoid]
+        kinds = [k for k in allowed if self.rng.random() < KIND_PROBABILITY[k]]
+        rest = [k for k in allowed if k not in kinds]
+        self.rng.shuffle(rest)
+        while True:
+            description = {k: objects[target][k] for k in kinds}
+            if all(i == target or any(objects[i][k] != v for k, v in description.items()) for i in context):
+                return description
+            if not rest:
+                return None
+            kinds.append(rest.pop())
+
+
+def suggest_questions(scene: dict, n: int = 5, seed: int = 0) -> list[tuple[str, str]]:
+    """n (question, answer) pairs about a scene, one family after another."""
+    return [(q["question"], q["answer"]) for q in QuestionGenerator(seed).questions(scene, n)]
+
+
+def blind_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
+    """Accuracy (%) of answering from the question text alone: the most frequent training
+    answer for the exact same text, else the most frequent training answer of the family
+    (question_type). VQA accuracy of each guess against the record's answers.
+
+    Returns {"overall": %, "per_family": {family: %}, "texts_seen": % of test questions whose text is in train}.
+    """
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for record in train_records:
+        answer = record["multiple_choice_answer"]
+        by_text[record["question"]][answer] += 1
+        by_family[record["question_type"]][answer] += 1
+    scores: dict[str, list[float]] = defaultdict(list)
+    seen = 0
+    for record in test_records:
+        counts = by_text.get(record["question"]) or by_family.get(record["question_type"]) or Counter({"yes": 1})
+        seen += record["question"] in by_text
+        scores[record["question_type"]].append(vqa_accuracy(counts.most_common(1)[0][0], record["answers"]))
+    every = [s for family in scores.values() for s in family]
+    return {"overall": round(100 * sum(every) / len(every), 2),
+            "per_family": {f: round(100 * sum(s) / len(s), 2) for f, s in sorted(scores.items())},
+            "texts_seen": round(100 * seen / len(test_records), 2)}
