@@ -7,7 +7,7 @@ import easy_vqa
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHIPPED_CHECKPOINT, draw_shape, http_get
+from fixtures import ROOT, SHIPPED_CHECKPOINT, draw_shape, http_get, png_claiming_size
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -15,6 +15,11 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 QUESTION = "what color is the shape?"
 ANSWERS = set(easy_vqa.get_answers())
+MODEL = SHIPPED_CHECKPOINT.name  # the served model's name in the API
+
+
+def ask(client, image, question, api_name="/predict"):
+    return client.predict(MODEL, handle_file(image) if image else None, question, api_name=api_name)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,6 @@ def images(tmp_path_factory):
     paths["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n but then not an image at all")
     paths["empty"] = folder / "empty.png"
     paths["empty"].write_bytes(b"")
-    from test_predict import png_claiming_size
-
     paths["huge"] = folder / "huge.png"
     paths["huge"].write_bytes(png_claiming_size(20000, 20000))
     return paths
@@ -52,7 +55,8 @@ def test_predict_answers_easy_vqa_test_questions(client):
     picks = range(0, len(questions), len(questions) // 12)[:12]
     correct = 0
     for i in picks:
-        label = client.predict(handle_file(paths[image_ids[i]]), questions[i], api_name="/predict")
+        label, _, details = ask(client, paths[image_ids[i]], questions[i])
+        assert details["answer"] == label["label"] and not details["unknown_words"]
         scores = confidences(label)
         assert len(scores) == 5 and label["label"] == next(iter(scores))
         assert list(scores.values()) == sorted(scores.values(), reverse=True)
@@ -62,12 +66,12 @@ def test_predict_answers_easy_vqa_test_questions(client):
 
 
 def test_predict_on_a_drawn_shape(client, images):
-    label = client.predict(handle_file(images["red"]), QUESTION, api_name="/predict")
+    label, _, _ = ask(client, images["red"], QUESTION)
     assert label["label"] == "red"
 
 
 def test_explain_returns_a_heatmap_image(client, images):
-    path = client.predict(handle_file(images["blue"]), QUESTION, api_name="/explain")
+    path = ask(client, images["blue"], QUESTION, "/explain")
     with Image.open(path) as heatmap:
         assert heatmap.size == (256, 256) and heatmap.mode == "RGB"
 
@@ -77,7 +81,7 @@ def test_many_questions_give_one_row_each(client):
     questions, answers, image_ids = easy_vqa.get_test_questions()
     asked = [(q, a) for q, a, image_id in zip(questions, answers, image_ids) if image_id == 0]
     text = "\n".join(q for q, _ in asked[:3]) + "\n\n  \n" + "\n".join(q for q, _ in asked[3:])
-    table = client.predict(handle_file(easy_vqa.get_test_image_paths()[0]), text, api_name="/predict_many")
+    table = ask(client, easy_vqa.get_test_image_paths()[0], text, "/predict_many")
     rows = table["data"]
     assert [row[0] for row in rows] == [q for q, _ in asked]
     assert all(row[1] in ANSWERS and 0 < row[2] <= 1 for row in rows)
@@ -97,18 +101,18 @@ def test_many_questions_give_one_row_each(client):
 ])
 def test_bad_input_gives_its_message_and_the_server_keeps_answering(client, server, images, image, question, message):
     with pytest.raises(AppError, match=re.escape(message)) as raised:
-        client.predict(handle_file(images[image]) if image else None, question, api_name="/predict")
+        ask(client, images[image] if image else None, question)
     assert str(server["log"].parent) not in str(raised.value) and "/gradio-cache" not in str(raised.value)
-    label = client.predict(handle_file(images["red"]), QUESTION, api_name="/predict")
+    label, _, _ = ask(client, images["red"], QUESTION)
     assert label["label"] in ANSWERS and len(label["confidences"]) == 5
     assert server["process"].poll() is None
 
 
 def test_bad_input_to_many_questions_and_explain_gives_its_message(client, images):
     with pytest.raises(AppError, match="no questions"):
-        client.predict(handle_file(images["red"]), "\n  \n", api_name="/predict_many")
+        ask(client, images["red"], "\n  \n", "/predict_many")
     with pytest.raises(AppError, match="not a readable image"):
-        client.predict(handle_file(images["corrupt"]), QUESTION, api_name="/explain")
+        ask(client, images["corrupt"], QUESTION, "/explain")
 
 
 def test_concurrent_users_with_some_mistakes_all_get_their_own_answer(server, images):
@@ -119,8 +123,7 @@ def test_concurrent_users_with_some_mistakes_all_get_their_own_answer(server, im
 
     def user(i, image, question):
         try:
-            results[i] = Client(server["url"], verbose=False).predict(
-                handle_file(images[image]), question, api_name="/predict")["label"]
+            results[i] = ask(Client(server["url"], verbose=False), images[image], question)[0]["label"]
         except AppError as error:
             results[i] = error
 
@@ -157,3 +160,44 @@ def test_files_outside_the_app_are_refused(server, path):
         assert status in (403, 404), (route, path, status)
         for secret in (b"root:", b"def build_demo", b'"id2label"', b"[core]", b'"dtype"'):
             assert secret not in body, (route, path)
+
+
+def test_the_api_is_served_only_through_the_queue(server, client, images):
+    """The REST routes would answer outside the queue and its limits: they are closed."""
+    import json
+    import urllib.request
+
+    for route in ("gradio_api/run/predict", "gradio_api/api/predict", "gradio_api/run/explain"):
+        request = urllib.request.Request(server["url"] + route, data=json.dumps({"data": [MODEL, None, QUESTION]}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        assert status in (403, 404, 405) or b"queue" in body.lower(), (route, status, body[:200])
+        assert b'"label"' not in body
+    label, _, _ = ask(client, images["red"], QUESTION)  # the queue route still answers
+    assert label["label"] == "red"
+
+
+def test_refused_requests_log_one_line_not_a_traceback(server, client, images):
+    with pytest.raises(AppError):
+        ask(client, images["empty"], QUESTION)
+    log = server["log"].read_text()
+    assert "refused: " in log and "empty (0 bytes)" in log
+    assert "Traceback" not in log
+
+
+def test_a_noise_image_is_flagged_and_an_unknown_word_named(client, tmp_path):
+    import numpy as np
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
+    label, notice, details = ask(client, noise, "how many cups are in the kitchen?")
+    assert details["unusual_image"] is True and details["image_score"] > details["image_threshold"]
+    assert "unlike anything this model was trained on" in notice
+    assert {"cups", "kitchen"} <= set(details["unknown_words"]) and "in" not in details["unknown_words"]
+    assert "Never seen in training:" in notice and "kitchen" in notice
+    label, notice, details = ask(client, easy_vqa.get_test_image_paths()[0], "what color is the shape?")
+    assert details["unusual_image"] is False and "unlike anything" not in notice

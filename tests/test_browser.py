@@ -11,7 +11,7 @@ import easy_vqa
 import pytest
 from PIL import Image
 
-from conftest import ROOT, draw_shape
+from fixtures import ROOT, draw_shape
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -91,3 +91,30 @@ def test_an_example_fills_the_inputs_and_is_answered(page):
         "() => document.querySelector('#question textarea').value === 'what is the red shape?'")
     page.locator("#ask").click()
     wait_for_answer(page, "triangle")  # easy-VQA's answer: its first test image holds a red triangle
+
+
+def test_a_file_name_with_markup_shows_as_text_in_the_error(page, tmp_path):
+    """The error toast names the upload; a name full of HTML must not become a link or an image."""
+    name = '<a href="http://127.0.0.1:9/x" id="injected">log in again</a><img src=x id="injected-img">.png'
+    bad = tmp_path / name.replace("/", "_")
+    bad.write_bytes(b"not an image at all")
+    page.locator("#image input[type=file]").set_input_files(str(bad))
+    ask(page, "what color is the shape?")
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="not a readable image")
+    toast.first.wait_for(state="visible")
+    assert page.locator("[data-testid=toast-body] a").count() == 0
+    assert page.locator("[data-testid=toast-body] img").count() == 0
+    assert "log in again" in toast.first.inner_text()  # shown, as text
+
+
+def test_a_noise_image_shows_the_out_of_distribution_notice(page, tmp_path):
+    import numpy as np
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(noise)
+    page.locator("#image input[type=file]").set_input_files(str(noise))
+    page.wait_for_selector("#image img")
+    ask(page, "how many cups are there?")
+    page.wait_for_function(
+        "() => document.querySelector('#notice')?.innerText.includes('unlike anything this model was trained on')")
+    assert "cups" in page.locator("#notice").inner_text()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_vqa_v2_files, tiny_config
+from fixtures import ROOT, make_vqa_v2_files, tiny_config
 from vqa.checkpoint import load_checkpoint, save_checkpoint
-from vqa.data import ImageSource, QuestionDataset, VQACollator, load_vqa_split
-from vqa.errors import DataError, VQAError
-from vqa.evaluation import answer_logits, encode_questions, open_feature_cache, predict_split
-from vqa.features import extract_features
+from vqa.data import ImageSource, QuestionDataset, VQACollator, load_vqa_split, screen_images
+from vqa.errors import DataError
+from vqa.evaluation import Predictions, encode_questions, open_feature_cache, predict_split, run_evaluation
+from vqa.extraction import extract_features
 from vqa.metrics import evaluate_results
 from vqa.model import VQAModel
 
@@ -36,6 +37,11 @@ def files_args(files, annotations=True):
     if annotations and files["annotations"] is not None:
         args += ["--annotations", files["annotations"]]
     return args
+
+
+def error_line(stderr: str) -> str:
+    """The last line of stderr (progress bars before it redraw with carriage returns)."""
+    return re.split(r"[\r\n]+", stderr.strip())[-1]
 
 
 def roundtrip(metrics):
@@ -136,8 +142,10 @@ def test_missing_image_names_the_file(tiny_checkpoint, tmp_path, capsys):
     code = evaluate_cli.main(["--checkpoint", str(tiny_checkpoint), *map(str, files_args(files)),
                               "--out", str(tmp_path / "out")])
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "COCO_val2014_000000001007.jpg" in err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: ") and f"no image file for image_id 1007 in {files['images']}" in err
+    assert "--skip-bad-images" in err
+    assert not (tmp_path / "out" / "results.json").exists()  # refused before any prediction
 
 
 def test_skip_bad_images_counts_and_lists_them(tiny_checkpoint, tmp_path, capsys):
@@ -148,7 +156,8 @@ def test_skip_bad_images_counts_and_lists_them(tiny_checkpoint, tmp_path, capsys
     args = ["--checkpoint", str(tiny_checkpoint), *map(str, files_args(files)), "--batch-size", "2"]
 
     assert evaluate_cli.main([*args, "--out", str(tmp_path / "strict")]) == 2  # opt-in only
-    assert "COCO_val2014_000000001014.jpg" in capsys.readouterr().err
+    err = error_line(capsys.readouterr().err)  # the first bad image stops the run, named
+    assert err.startswith("error: ") and str(corrupt) in err and "--skip-bad-images" in err
 
     out = tmp_path / "out"
     assert evaluate_cli.main([*args, "--skip-bad-images", "--out", str(out)]) == 0
@@ -170,11 +179,17 @@ def test_skip_bad_images_counts_and_lists_them(tiny_checkpoint, tmp_path, capsys
 
 def test_corrupt_image_without_skipping_names_the_file(tiny_checkpoint, tmp_path):
     files = make_vqa_v2_files(tmp_path / "data", n_images=2)
-    corrupt = files["images"] / "COCO_val2014_000000001000.jpg"
+    corrupt = files["images"] / "COCO_val2014_000000001007.jpg"
     corrupt.write_bytes(b"")
+    # run_evaluation screens every image before predicting ...
+    with pytest.raises(DataError, match=rf"{corrupt} is empty \(0 bytes\).*--skip-bad-images"):
+        run_evaluation(tmp_path / "out", tiny_checkpoint, questions=files["questions"],
+                       annotations=files["annotations"], images=files["images"], progress=False)
+    assert not (tmp_path / "out" / "results.json").exists()
+    # ... predict_split itself skips nothing: an unscreened bad image stops it, named.
     split = load_vqa_split(files["questions"], files["annotations"], files["images"])
     model, tokenizer = load_checkpoint(tiny_checkpoint)
-    with pytest.raises(VQAError, match=str(corrupt)):
+    with pytest.raises(DataError, match=rf"{corrupt}.*--skip-bad-images"):
         predict_split(model, tokenizer, split, progress=False)
 
 
@@ -225,27 +240,77 @@ def model_and_split(tiny_checkpoint, vqa_v2_files):
     return model, tokenizer, split
 
 
-def test_answer_logits_equal_the_model_forward(model_and_split):
-    model, tokenizer, split = model_and_split
+def collated(model, tokenizer, split):
+    """The whole split as one training-style batch (the model's own forward input)."""
     dataset = QuestionDataset(split, tokenizer, model.config.label2id, model.config.max_question_tokens)
     batch = VQACollator(ImageSource(split.image_paths, model.image_transform()), len(model.config.answers))(
         [dataset[i] for i in range(len(dataset))])
+    batch.pop("labels", None)
+    return dataset, batch
+
+
+def test_encoded_questions_give_the_model_forward_logits(model_and_split):
+    model, tokenizer, split = model_and_split
+    dataset, batch = collated(model, tokenizer, split)
     with torch.inference_mode():
-        expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        features = model.image_encoder.features(batch["pixel_values"])
+        expected = model(**batch).logits
+        features = model.image_features(batch["pixel_values"])
         questions, rows = encode_questions(model, dataset.input_ids, chunk=3)
-        logits = answer_logits(model, features, batch["image_index"], questions, rows[batch["question_index"]])
-    assert questions.shape[0] == len({r["question"] for r in split.records}) < len(split.records)
+        logits = model.answer_logits(features, questions[rows], batch["image_index"])
+    # Each distinct question once ("What color is the shape?", "Is there a circle?", ...), in first-seen order.
+    distinct = list(dict.fromkeys(tuple(ids) for ids in dataset.input_ids))
+    assert questions.shape[0] == len(distinct) == len({r["question"] for r in split.records}) < len(split.records)
+    assert rows.tolist() == [distinct.index(tuple(ids)) for ids in dataset.input_ids]
     assert logits.shape == expected.shape == (16, len(model.config.answers))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_confidence_is_the_softmax_maximum_of_the_model_logits(model_and_split):
+    model, tokenizer, split = model_and_split
+    dataset, batch = collated(model, tokenizer, split)
+    with torch.inference_mode():
+        probabilities = model(**batch).logits.softmax(-1)
+    predictions = predict_split(model, tokenizer, split, batch_size=3, progress=False)
+    assert isinstance(predictions, Predictions)
+    answer_of = {r["question_id"]: r["answer"] for r in predictions.results}
+    assert set(predictions.confidence) == set(answer_of) == {r["question_id"] for r in split.records}
+    for row, record in enumerate(dataset.records):
+        qid = record["question_id"]
+        assert predictions.confidence[qid] == pytest.approx(float(probabilities[row].max()), abs=1e-6)
+        assert answer_of[qid] == model.config.answers[int(probabilities[row].argmax())]
+    assert len(set(predictions.confidence.values())) > 1  # a real figure per question, not a constant
 
 
 def test_predictions_do_not_depend_on_batch_size(model_and_split):
     model, tokenizer, split = model_and_split
     runs = [predict_split(model, tokenizer, split, batch_size=b, progress=False) for b in (1, 3, 256)]
-    for results, skipped in runs:
-        assert skipped == [] and results == runs[0][0]
-    assert [r["question_id"] for r in runs[0][0]] == [r["question_id"] for r in split.records]
+    for run in runs:
+        assert run.results == runs[0].results
+        assert run.confidence == pytest.approx(runs[0].confidence, abs=1e-6)
+    assert [r["question_id"] for r in runs[0].results] == [r["question_id"] for r in split.records]
+    with pytest.raises(DataError, match="batch size must be at least 1, got 0"):
+        predict_split(model, tokenizer, split, batch_size=0, progress=False)
+
+
+def test_screened_split_predicts_the_kept_questions_only(model_and_split):
+    model, tokenizer, split = model_and_split
+    split.image_paths[1007].write_bytes(b"broken")
+    kept = screen_images(split, skip_bad_images=True)
+    results = predict_split(model, tokenizer, kept, progress=False).results
+    assert [r["question_id"] for r in results] == [r["question_id"] for r in split.records
+                                                   if r["image_id"] != 1007]
+
+
+def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path, tiny_checkpoint, vqa_v2_files):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(DataError, match=rf"output folder {a_file} is a file"):
+        run_evaluation(a_file, tiny_checkpoint, questions=vqa_v2_files["questions"], images=vqa_v2_files["images"],
+                       progress=False)
+    inside = a_file / "out"  # a folder cannot be made inside a file, whoever runs the test (root too)
+    with pytest.raises(DataError, match=rf"cannot write into the output folder {inside}"):
+        run_evaluation(inside, tiny_checkpoint, questions=vqa_v2_files["questions"], images=vqa_v2_files["images"],
+                       progress=False)
 
 
 def test_feature_cache_replaces_the_cnn_for_a_frozen_backbone(tmp_path, easy_vqa_answers, easy_vqa_tokenizer,
@@ -255,8 +320,8 @@ def test_feature_cache_replaces_the_cnn_for_a_frozen_backbone(tmp_path, easy_vqa
     frozen = save_checkpoint(VQAModel(config).eval(), easy_vqa_tokenizer, tmp_path / "frozen")
     model, tokenizer = load_checkpoint(frozen)
     split = load_vqa_split(vqa_v2_files["questions"], vqa_v2_files["annotations"], vqa_v2_files["images"])
-    extract_features(model, split.image_paths, tmp_path / "cache", progress=False)
-    without_cache, _ = predict_split(model, tokenizer, split, progress=False)
+    extract_features(model, split.image_paths, tmp_path / "cache", progress=False, num_workers=0)
+    without_cache = predict_split(model, tokenizer, split, progress=False)
 
     cache, why_not = open_feature_cache(model, tmp_path / "cache")
     assert why_not is None
@@ -264,18 +329,21 @@ def test_feature_cache_replaces_the_cnn_for_a_frozen_backbone(tmp_path, easy_vqa
     def no_cnn(*args, **kwargs):
         raise AssertionError("the CNN ran although the features are cached")
 
-    monkeypatch.setattr(model.image_encoder, "features", no_cnn)
-    with_cache, _ = predict_split(model, tokenizer, split, feature_cache=cache, progress=False)
-    assert [r["question_id"] for r in with_cache] == [r["question_id"] for r in without_cache]
+    monkeypatch.setattr(model, "image_features", no_cnn)
+    with_cache = predict_split(model, tokenizer, split, feature_cache=cache, progress=False)
+    assert [r["question_id"] for r in with_cache.results] == [r["question_id"] for r in without_cache.results]
     # float16 features: near-ties may flip, the rest agree
-    agree = sum(a["answer"] == b["answer"] for a, b in zip(with_cache, without_cache))
-    assert agree >= len(with_cache) - 2
+    agree = sum(a["answer"] == b["answer"] for a, b in zip(with_cache.results, without_cache.results))
+    assert agree >= len(with_cache.results) - 2
+    for qid, confidence in without_cache.confidence.items():
+        assert with_cache.confidence[qid] == pytest.approx(confidence, abs=1e-3)
 
 
 def test_feature_cache_is_not_used_when_it_does_not_fit(tmp_path, tiny_checkpoint, vqa_v2_files):
     model, tokenizer = load_checkpoint(tiny_checkpoint)  # backbone not frozen
     split = load_vqa_split(vqa_v2_files["questions"], vqa_v2_files["annotations"], vqa_v2_files["images"])
-    extract_features(model, dict(list(split.image_paths.items())[:3]), tmp_path / "cache", progress=False)
+    extract_features(model, dict(list(split.image_paths.items())[:3]), tmp_path / "cache", progress=False,
+                     num_workers=0)
     cache, why_not = open_feature_cache(model, tmp_path / "cache")
     assert cache is None and "freeze_backbone is false" in why_not
     model.config.freeze_backbone = True

@@ -187,7 +187,8 @@ def test_merge_copies_maps_in_steps_of_bounded_size(tmp_path, monkeypatch):
 def test_shards_made_otherwise_are_refused(tmp_path):
     rows = rows_for(IDS)
     write_cache(tmp_path / "cache", {i: rows[i] for i in IDS[:2]})
-    write_cache(shard_folder(tmp_path / "cache", 0), {IDS[3]: rows[IDS[3]]}, {"backbone": "other", "feature_shape": [6]})
+    other = {"backbone": "other", "feature_shape": [6]}
+    write_cache(shard_folder(tmp_path / "cache", 0), {IDS[3]: rows[IDS[3]]}, other)
     with pytest.raises(DataError, match="rank-0 was made with another backbone"):
         merge_shards(tmp_path / "cache", {"backbone": "made-up", "feature_shape": [6]})
 

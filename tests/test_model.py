@@ -1,9 +1,19 @@
+"""VQAModel: the one forward path (image_features -> question_vectors -> answer_logits), the
+paper's pooled formula, question-guided attention, save/load, the backbone and its transform."""
+
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import resolve_data_config
 
-from conftest import tiny_config
+from fixtures import ForwardCounter, tiny_config
+from vqa.checkpoint import load_checkpoint, save_checkpoint
 from vqa.errors import CheckpointError
-from vqa.model import VQAModel, create_backbone
+from vqa.images import ModelTransform
+from vqa.model import VQAModel, architecture, create_backbone
 from vqa.training import extend_answers
 
 ANSWERS = ["yes", "no", "red", "circle"]
@@ -19,11 +29,23 @@ def batch(n_images=3, n_questions=7, vocab=50, size=32):
     }
 
 
+def make_model(seed=0, **overrides) -> VQAModel:
+    torch.manual_seed(seed)
+    return VQAModel(tiny_config(ANSWERS, vocab_size=50, **{"image_size": 32, **overrides})).eval()
+
+
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return VQAModel(tiny_config(ANSWERS, vocab_size=50, image_size=32)).eval()
+    return make_model()
 
+
+@pytest.fixture
+def attention_model():
+    # 64 px through test_resnet at output_stride 8: an 8 x 8 map.
+    return make_model(image_size=64, attention_glimpses=2, output_stride=8)
+
+
+# The forward path.
 
 def test_shapes_and_soft_cross_entropy_loss(model):
     inputs = batch()
@@ -37,26 +59,91 @@ def test_shapes_and_soft_cross_entropy_loss(model):
     assert model(**inputs).loss is None
 
 
-def test_question_vector_uses_h_and_c_of_every_layer(model):
-    config = model.config
-    assert model.question_encoder.project.in_features == 2 * config.lstm_layers * config.lstm_hidden
-    assert config.image_feature_dim == model.image_encoder.backbone.num_features
+def test_pooled_model_is_bit_identical_to_the_papers_formula(model):
+    """G = 0: tanh(project(normalise(CNN(x))))[image_index] * question -> classifier, written out
+    by hand as the model computed it before the forward path was split into three steps."""
+    inputs = batch()
+    with torch.no_grad():
+        features = model.image_encoder.backbone(inputs["pixel_values"])  # (N, F) pooled
+        normalised = F.normalize(features.float(), dim=-1) * features.shape[-1] ** 0.5
+        image = torch.tanh(model.image_encoder.project(normalised))[inputs["image_index"]]
+        question = model.question_encoder(inputs["input_ids"], inputs["lengths"])
+        expected = model.classifier(image * question)
+        logits = model(**inputs).logits
+    assert torch.equal(logits, expected)
+    # Checkpoints of the pooled model hold no attention weights: old checkpoints still load.
+    assert not any("attention" in key for key in model.state_dict())
+
+
+def test_forward_is_the_three_steps_chained(model):
+    inputs = batch()
+    with torch.no_grad():
+        features = model.image_features(inputs["pixel_values"])
+        questions = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+        steps = model.answer_logits(features, questions, inputs["image_index"])
+        assert torch.equal(model(**inputs).logits, steps)
+    assert features.shape == (3, model.config.image_feature_dim) and questions.shape == (7, 32)
+    assert model.attention_maps(features, questions, inputs["image_index"]) is None
+    assert model.pooled_features(features) is features
+
+
+def test_forward_takes_only_its_named_inputs(model):
+    inputs = batch()
+    with pytest.raises(ValueError, match="needs pixel_values or image_features"):
+        model(**{**inputs, "pixel_values": None})
+    with pytest.raises(TypeError, match="question_index"):
+        model(**inputs, question_index=torch.arange(7))  # no **kwargs swallowing stray batch keys
+
+
+def test_question_vector_is_h_and_c_of_every_layer(model):
+    """Each question run alone through the LSTM, unpadded: its final (h, c) of both layers,
+    concatenated as [h_1, h_2, c_1, c_2], projected and squashed, is the question vector."""
+    encoder = model.question_encoder
+    inputs = batch()
+    with torch.no_grad():
+        vectors = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+        for row, (ids, length) in enumerate(zip(inputs["input_ids"], inputs["lengths"])):
+            _, (h, c) = encoder.lstm(torch.tanh(encoder.embed(ids[None, :length])))  # each (layers, 1, H)
+            state = torch.cat([h[0, 0], h[1, 0], c[0, 0], c[1, 0]])
+            torch.testing.assert_close(vectors[row], torch.tanh(encoder.project(state)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which, layer", [("h", 0), ("h", 1), ("c", 0), ("c", 1)])
+def test_changing_the_final_state_of_any_layer_changes_the_question_vector(model, which, layer):
+    inputs = batch()
+    with torch.no_grad():
+        before = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+
+    def change(module, args, output):
+        out, (h, c) = output
+        state = (h, c)[which == "c"].clone()
+        state[layer] += 0.5
+        return out, (state, c) if which == "h" else (h, state)
+
+    handle = model.question_encoder.lstm.register_forward_hook(change)
+    try:
+        with torch.no_grad():
+            after = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+    finally:
+        handle.remove()
+    assert (after - before).abs().max(dim=1).values.min() > 1e-4, "every question's vector should move"
 
 
 def test_each_image_runs_through_the_cnn_once(model):
-    calls = []
-    model.image_encoder.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    model(**batch(n_images=3, n_questions=12))
-    assert calls == [3]
+    with ForwardCounter(model.image_encoder.backbone) as cnn:
+        model(**batch(n_images=3, n_questions=12))
+    assert cnn.batch_sizes == [3]
 
 
-def test_cached_features_give_the_same_logits(model):
-    inputs = batch()
+@pytest.mark.parametrize("glimpses", [0, 2])
+def test_cached_features_give_the_same_logits(glimpses):
+    model = make_model(image_size=64, attention_glimpses=glimpses, output_stride=8 if glimpses else None)
+    inputs = batch(size=64)
     with torch.no_grad():
-        features = model.image_encoder.features(inputs["pixel_values"])
+        features = model.image_features(inputs["pixel_values"])
         from_pixels = model(**inputs).logits
         from_features = model(**{**inputs, "pixel_values": None}, image_features=features).logits
-    assert torch.allclose(from_pixels, from_features, atol=1e-5)
+    assert torch.equal(from_pixels, from_features)
 
 
 def test_padding_does_not_change_the_answer(model):
@@ -68,13 +155,77 @@ def test_padding_does_not_change_the_answer(model):
     assert torch.allclose(short, padded, atol=1e-6)
 
 
-def test_save_load_gives_identical_logits(tmp_path, model):
-    model.save_pretrained(tmp_path)
-    loaded = VQAModel.from_pretrained(tmp_path).eval()
-    inputs = batch()
+# Question-guided attention.
+
+def test_attention_maps_are_one_distribution_per_glimpse(attention_model):
+    inputs = batch(size=64)
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+        features = attention_model.image_features(inputs["pixel_values"])
+        questions = attention_model.question_vectors(inputs["input_ids"], inputs["lengths"])
+        maps = attention_model.attention_maps(features, questions, inputs["image_index"])
+    assert features.dim() == 4 and features.shape[:2] == (3, attention_model.config.image_feature_dim)
+    b, g, h, w = maps.shape
+    assert (b, g) == (7, 2) and h >= 8 and w >= 8 and (h, w) == features.shape[2:]
+    assert (maps >= 0).all()
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(7, 2))
+    # Questions 0 and 3 look at the same image (image_index 0): their maps differ by question alone.
+    assert inputs["image_index"][0] == inputs["image_index"][3]
+    assert not torch.allclose(maps[0], maps[3])
+    torch.testing.assert_close(attention_model.pooled_features(features), features.mean(dim=(2, 3)))
+
+
+def test_the_attention_maps_are_the_weights_the_answer_uses(attention_model):
+    """Answer logits written out from the maps: each glimpse's weighted sum of the normalised
+    location features, concatenated, projected, fused with the question, classified."""
+    inputs = batch(size=64)
+    model = attention_model
+    with torch.no_grad():
+        features = model.image_features(inputs["pixel_values"])
+        questions = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+        maps = model.attention_maps(features, questions, inputs["image_index"])  # (B, G, h, w)
+        grid = features.flatten(2).transpose(1, 2)  # (N, L, F)
+        grid = F.normalize(grid, dim=-1) * grid.shape[-1] ** 0.5
+        attended = maps.flatten(2) @ grid[inputs["image_index"]]  # (B, G, F)
+        image = torch.tanh(model.image_encoder.project(attended.flatten(1)))
+        expected = model.classifier(image * questions)
+        logits = model.answer_logits(features, questions, inputs["image_index"])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_architecture_says_what_the_model_is(model, attention_model):
+    assert architecture(model.config) == ("test_resnet CNN + 2-layer LSTM (24 units), "
+                                          "fused by elementwise product in 32 dimensions")
+    assert "2-glimpse question-guided attention" in architecture(attention_model.config)
+
+
+# Saving and loading.
+
+@pytest.mark.parametrize("options", [{}, {"image_size": 64, "attention_glimpses": 2, "output_stride": 8}],
+                         ids=["pooled", "attention"])
+def test_round_trip_gives_the_same_model(tmp_path, easy_vqa_tokenizer, options):
+    """A model against a fresh save_checkpoint -> load_checkpoint of it: every tensor and every
+    logit equal. The control, a model from another seed, differs in both: the comparison can fail."""
+    def build(seed):
+        torch.manual_seed(seed)
+        return VQAModel(tiny_config(ANSWERS, len(easy_vqa_tokenizer), **{"image_size": 32, **options})).eval()
+
+    original, other = build(0), build(1)
+    loaded, tokenizer = load_checkpoint(save_checkpoint(original, easy_vqa_tokenizer, tmp_path / "model"))
+    assert not loaded.training and len(tokenizer) == len(easy_vqa_tokenizer)
     assert loaded.config.answers == ANSWERS
+    for key in ("attention_glimpses", "output_stride", "image_size", "image_feature_dim"):
+        assert getattr(loaded.config, key) == getattr(original.config, key), key
+    state, loaded_state = original.state_dict(), loaded.state_dict()
+    assert list(loaded_state) == list(state)
+    for key, value in state.items():
+        assert torch.equal(loaded_state[key], value), key
+    assert not all(torch.equal(other.state_dict()[key], value) for key, value in state.items())
+
+    inputs = batch(vocab=len(easy_vqa_tokenizer), size=original.config.image_size)
+    with torch.no_grad():
+        logits = original(**inputs).logits
+        assert torch.equal(loaded(**inputs).logits, logits)
+        assert not torch.allclose(other(**inputs).logits, logits)
 
 
 def test_frozen_backbone_gets_no_gradient():
@@ -85,19 +236,20 @@ def test_frozen_backbone_gets_no_gradient():
     assert model.image_encoder.project.weight.grad is not None
 
 
-def test_transform_comes_from_timm_at_the_configured_size(model):
-    from PIL import Image
-
-    from timm.data import resolve_data_config
-
-    pixels = model.image_transform()(Image.new("RGB", (100, 60), (255, 0, 0)))
+def test_transform_letterboxes_with_the_backbones_own_normalisation(model):
+    transform = model.image_transform()
+    assert isinstance(transform, ModelTransform)
+    pixels = transform(Image.new("RGB", (100, 60), (255, 0, 0)))
     assert pixels.shape == (3, 32, 32)
     # Pure red normalised with the backbone's own mean/std from its timm pretrained config.
     timm_config = resolve_data_config({}, model=model.image_encoder.backbone)
     red = (1 - timm_config["mean"][0]) / timm_config["std"][0]
     green = (0 - timm_config["mean"][1]) / timm_config["std"][1]
-    assert pixels[0, 10, 10].item() == pytest.approx(red, abs=1e-3)
-    assert pixels[1, 10, 10].item() == pytest.approx(green, abs=1e-3)
+    assert pixels[0, 16, 16].item() == pytest.approx(red, abs=1e-3)
+    assert pixels[1, 16, 16].item() == pytest.approx(green, abs=1e-3)
+    # 100 x 60 fits as 32 x 19, rows 6..24: the whole image, nothing cropped, padding 0.
+    assert pixels[:, :6].abs().max() == 0 and pixels[:, 25:].abs().max() == 0
+    assert pixels[0, 6:25].sub(red).abs().max() < 1e-3
 
 
 def test_extending_answers_keeps_the_old_rows(model):
@@ -109,11 +261,40 @@ def test_extending_answers_keeps_the_old_rows(model):
     assert model(**batch()).logits.shape == (7, 6)
 
 
-def test_pretrained_weights_are_never_downloaded(tmp_path):
-    # Asking for ImageNet weights looks only in the local cache (offline), never on the hub:
-    # with an empty cache the answer is a clear error, at once.
+# The backbone.
+
+def cache_weights(hub_cache, state_dict) -> str:
+    """Lay out `state_dict` as test_resnet's ImageNet weights in a Hugging Face hub cache folder."""
+    from safetensors.torch import save_file
+
+    repo = hub_cache / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    path = repo / "snapshots" / "0123abcd" / "model.safetensors"
+    save_file(state_dict, path)
+    return str(path)
+
+
+def test_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    hub_cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    environment = dict(os.environ)
+    # Not in the cache: a clear error at once, never a download.
     with pytest.raises(CheckpointError, match="local timm/Hugging Face cache"):
         create_backbone("test_resnet", True)
+    torch.manual_seed(5)
+    cached = create_backbone("test_resnet").state_dict()
+    cache_weights(hub_cache, cached)
+    loaded = create_backbone("test_resnet", True)
+    for key, value in cached.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert dict(os.environ) == environment  # no process-wide switch (HF_HUB_OFFLINE, ...) was set
+
+
+def test_pretrained_weights_file_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         create_backbone("test_resnet", pretrained=str(tmp_path / "missing.safetensors"))
     pickle_file = tmp_path / "weights.pth"
@@ -130,3 +311,11 @@ def test_backbone_weights_from_a_safetensors_file(tmp_path):
     loaded = create_backbone("test_resnet", pretrained=str(tmp_path / "backbone.safetensors"))
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_output_stride_keeps_a_finer_map():
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        coarse = create_backbone("test_resnet").forward_features(pixels)
+        fine = create_backbone("test_resnet", output_stride=8).forward_features(pixels)
+    assert coarse.shape[2:] == (2, 2) and fine.shape[2:] == (8, 8)

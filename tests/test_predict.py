@@ -1,25 +1,31 @@
-"""Predictor: answers, top-k, one CNN pass per image, input checking, shared batches, the CLI."""
+"""Predictor: answers, top-k, one CNN pass per image, what to trust (assess), input checking,
+shared batches, the CLI."""
 
 import io
 import json
-import struct
+import os
+import shutil
 import subprocess
 import sys
 import threading
-import zlib
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, draw_shape
+from fixtures import (QUESTION, ROOT, COLORS, SHAPES, ForwardCounter, call_within, draw_shape, exif_jpeg,
+                      jpeg_bytes, jpeg_claiming_size, png_bytes, png_claiming_size, wait_until)
+import vqa.predict
 from vqa.errors import InputError
-from vqa.predict import MAX_QUESTION_CHARS, BatchingPredictor, Predictor
+from vqa.ood import FeatureDensity
+from vqa.predict import MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, check_question
 from vqa.predict import main as predict_main
 from vqa.text import pad_questions
+from vqa.words import WordVocabulary
 
-QUESTION = "what color is the shape?"
+NUM_ANSWERS = 13  # easy-VQA's answers
 
 
 @pytest.fixture(scope="module")
@@ -27,44 +33,12 @@ def predictor(tiny_checkpoint) -> Predictor:
     return Predictor.from_checkpoint(tiny_checkpoint)
 
 
-class ForwardCounter:
-    """Counts forward calls of a module and the batch size of each."""
-
-    def __init__(self, module):
-        self.batch_sizes = []
-        self.handle = module.register_forward_hook(lambda m, args, out: self.batch_sizes.append(args[0].shape[0]))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def png_bytes(image: Image.Image, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **options)
-    return buffer.getvalue()
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A few hundred bytes whose PNG header claims width x height pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def jpeg_claiming_size(width: int, height: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) is patched to claim width x height pixels."""
-    buffer = io.BytesIO()
-    draw_shape("red", "circle", size=16).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
+def assert_all_answers(predictor, answers: dict):
+    """{answer: probability} over the whole vocabulary: known answers, most likely first, summing to 1."""
+    assert set(answers) == set(predictor.answers) and len(answers) == NUM_ANSWERS
+    values = list(answers.values())
+    assert values == sorted(values, reverse=True) and all(0 < p <= 1 for p in values)
+    assert sum(values) == pytest.approx(1.0, abs=1e-5)
 
 
 # Answers.
@@ -138,6 +112,137 @@ def test_describe_reports_the_model_card_facts(predictor):
     assert facts["parameters"] > 0
 
 
+def test_forward_gives_probabilities_per_question_and_runs_each_image_once(predictor):
+    images = [draw_shape("red", "circle"), draw_shape("blue", "rectangle", seed=2)]
+    pixels = torch.stack([predictor.image_pixels(i) for i in images])
+    ids = [predictor.encode(q) for q in (QUESTION, "is there a circle?", "what shape is it?")]
+    with ForwardCounter(predictor.model.image_encoder.backbone) as cnn:
+        probabilities, scores = predictor.forward(pixels, torch.tensor([0, 1, 0]), ids)
+    assert cnn.batch_sizes == [2] and scores is None  # no detector in this checkpoint
+    assert probabilities.shape == (3, NUM_ANSWERS)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
+    for row, (image, question) in enumerate([(images[0], QUESTION), (images[1], "is there a circle?"),
+                                             (images[0], "what shape is it?")]):
+        single = predictor.answer(image, question, top_k=NUM_ANSWERS)
+        for answer, probability in single.items():
+            assert float(probabilities[row, predictor.config.label2id[answer]]) == pytest.approx(probability, abs=1e-6)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_phone_photo_turned_by_exif_gets_the_answers_of_the_upright_image(predictor, orientation):
+    upright = draw_shape("red", "rectangle", seed=5)  # the shape sits off-centre: every turn looks different
+    stored = exif_jpeg(upright, orientation)
+    with Image.open(io.BytesIO(stored)) as photo:
+        as_stored = Image.fromarray(np.asarray(photo))  # the sensor's pixels, EXIF dropped: what not to see
+    reference = jpeg_bytes(upright, quality=95, subsampling=0)
+    seen = predictor.image_pixels(stored)
+    assert (seen - predictor.image_pixels(reference)).abs().mean() < 0.01  # JPEG noise only
+    assert (predictor.image_pixels(as_stored) - predictor.image_pixels(reference)).abs().mean() > 0.05
+
+    expected = predictor.answer(reference, QUESTION, top_k=NUM_ANSWERS)
+    answers = predictor.answer(stored, QUESTION, top_k=NUM_ANSWERS)
+    unturned = predictor.answer(as_stored, QUESTION, top_k=NUM_ANSWERS)
+    assert max(abs(answers[a] - p) for a, p in expected.items()) < 2e-5
+    assert max(abs(unturned[a] - p) for a, p in expected.items()) > 5e-5  # the control: a turn does matter
+
+
+# What to trust: Predictor.assess and Answer.
+
+def test_assess_without_detectors_has_nothing_to_flag(predictor):
+    image = draw_shape("red", "circle")
+    answer = predictor.assess(image, QUESTION, top_k=3)
+    assert isinstance(answer, Answer)
+    assert answer.answers == predictor.answer(image, QUESTION, top_k=3)
+    top, probability = next(iter(answer.answers.items()))
+    assert answer.confidence == probability
+    assert answer.details() == {"answer": top, "confidence": probability, "not_sure": False,
+                                "confidence_threshold": None, "unusual_image": False, "image_score": None,
+                                "image_threshold": None, "unknown_words": []}
+
+
+def test_answer_flags_follow_their_thresholds():
+    answer = Answer({"red": 0.6, "blue": 0.4}, 0.6, threshold=0.6, image_score=3.0, image_threshold=3.0)
+    assert not answer.not_sure and not answer.unusual_image  # at the threshold: not flagged
+    answer = Answer({"red": 0.6, "blue": 0.4}, 0.6, threshold=0.61, image_score=3.01, image_threshold=3.0)
+    assert answer.not_sure and answer.unusual_image
+    assert answer.details()["not_sure"] and answer.details()["unusual_image"]
+
+
+TRAINING_QUESTIONS = ["what color is the shape?", "is there a circle?", "is there a red shape?",
+                      "what shape is in the image?"]
+
+
+@pytest.fixture(scope="module")
+def detecting(tiny_checkpoint, tmp_path_factory):
+    """A copy of the tiny checkpoint with a word list, an OOD density fitted on the model's own
+    pooled features of drawn shapes (32 fitted, 16 held out), and a card answer_threshold of 0.99."""
+    folder = tmp_path_factory.mktemp("detecting") / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    plain = Predictor.from_checkpoint(tiny_checkpoint)
+    shapes = [draw_shape(color, shape, seed=n) for n in range(48)
+              for color, shape in [(sorted(COLORS)[n % 4], SHAPES[n // 4 % 2])]]
+    with torch.no_grad():
+        features = plain.model.pooled_features(
+            plain.model.image_features(torch.stack([plain.image_pixels(s) for s in shapes]))).numpy()
+    density = FeatureDensity().fit(features[:32], features[32:])
+    density.save(folder)
+    WordVocabulary.from_questions(TRAINING_QUESTIONS).save(folder)
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("test_accuracy: 12.5", "test_accuracy: 12.5\nanswer_threshold: 0.99"))
+    return Predictor.from_checkpoint(folder), density, shapes[32:]
+
+
+def noise_image(seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def test_assess_names_unknown_words_flags_an_unusual_image_and_low_confidence(detecting):
+    predictor, density, _ = detecting
+    assert predictor.words is not None and predictor.density is not None and predictor.threshold == 0.99
+    answer = predictor.assess(noise_image(), "What COLOR is the zorblax in the picture?", top_k=3)
+    assert answer.unknown_words == ["zorblax", "picture"]  # "What COLOR" is folded to known words
+    assert answer.image_threshold == density.threshold
+    assert answer.unusual_image and answer.image_score > density.threshold
+    assert answer.not_sure and answer.confidence < 0.99  # an untrained model is never that sure
+    details = answer.details()
+    assert details["unknown_words"] == ["zorblax", "picture"]
+    assert details["unusual_image"] is True and details["image_score"] == answer.image_score
+    assert details["image_threshold"] == density.threshold
+    assert details["not_sure"] is True and details["confidence_threshold"] == 0.99
+    facts = predictor.describe()
+    assert facts["answer_threshold"] == 0.99 and facts["ood_threshold"] == density.threshold
+
+
+def test_assess_scores_the_image_with_the_fitted_density(detecting):
+    predictor, density, heldout = detecting
+    answer = predictor.assess(heldout[0], "is there a circle?")
+    assert answer.unknown_words == []
+    with torch.no_grad():
+        features = predictor.model.pooled_features(predictor.model.image_features(predictor.image_pixels(heldout[0])[None]))
+    assert answer.image_score == pytest.approx(float(density.score(features.numpy())[0]), rel=1e-6)
+    assert not answer.unusual_image  # a held-out image: the threshold was set at the highest of them
+    # The scores come per image from one forward pass, in the order of the image rows.
+    pixels = torch.stack([predictor.image_pixels(heldout[0]), predictor.image_pixels(noise_image(1))])
+    _, scores = predictor.forward(pixels, torch.tensor([1, 0]), [predictor.encode(QUESTION)] * 2)
+    assert scores.shape == (2,) and scores[0] == pytest.approx(answer.image_score, rel=1e-6)
+    assert scores[1] > density.threshold
+
+
+# Attention checkpoints.
+
+def test_attention_gives_one_overlay_per_glimpse(attention_checkpoint, predictor):
+    attending = Predictor.from_checkpoint(attention_checkpoint)
+    image = draw_shape("green", "circle", size=100)
+    overlays = attending.attention(image, QUESTION)
+    assert len(overlays) == 2 and all(o.mode == "RGB" and o.size == (256, 256) for o in overlays)
+    assert_all_answers(attending, attending.answer(image, QUESTION, top_k=NUM_ANSWERS))
+    assert predictor.attention(image, QUESTION) is None  # the pooled model has no maps
+    with pytest.raises(InputError, match="no image"):
+        attending.attention(None, QUESTION)
+    with pytest.raises(InputError, match="question is empty"):
+        attending.attention(image, " ")
+
+
 # Bad input: each is an InputError whose message names the problem.
 
 @pytest.mark.parametrize("question, message", [
@@ -155,7 +260,19 @@ def test_bad_questions_are_refused_by_name(predictor, question, message):
 
 
 def test_a_question_at_the_length_limit_is_answered(predictor):
-    assert predictor.answer(draw_shape("red", "circle"), "y" * MAX_QUESTION_CHARS)
+    assert_all_answers(predictor, predictor.answer(draw_shape("red", "circle"), "y" * MAX_QUESTION_CHARS,
+                                                   top_k=NUM_ANSWERS))
+    with pytest.raises(InputError, match="over the limit"):
+        predictor.answer(draw_shape("red", "circle"), "y" * (MAX_QUESTION_CHARS + 1))
+
+
+@pytest.mark.parametrize("question", ["what \udcff color", "\ud800", "ok \udfff"])
+def test_text_that_was_not_utf8_is_refused(predictor, question):
+    # Python hands command-line bytes that are not UTF-8 over as lone surrogates (U+DC80..U+DCFF).
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        check_question(question)
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        predictor.answer(draw_shape("red", "circle"), question)
 
 
 def test_no_image_is_refused(predictor):
@@ -190,21 +307,25 @@ def test_missing_image_file_is_refused(predictor, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_huge_image_is_refused_in_bounded_memory(tmp_path):
-    """20000 x 20000 RGB would take 1.2 GB decoded: it must be refused from its header."""
+    """20000 x 20000 RGB would take 1.2 GB decoded, 7000 x 7000 147 MB: each must be refused from its header."""
     (tmp_path / "huge.png").write_bytes(png_claiming_size(20000, 20000))
     (tmp_path / "huge.jpg").write_bytes(jpeg_claiming_size(20000, 20000))
+    (tmp_path / "big.png").write_bytes(png_claiming_size(7000, 7000))
+    # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, from before
+    # exec), taken after the imports (torch alone is hundreds of MB) and after the opening attempts.
     script = (
         "import sys; from vqa.images import open_image; from vqa.errors import InputError\n"
-        "for name in ('huge.png', 'huge.jpg'):\n"
+        "def peak(): return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+        "baseline = peak()\n"
+        "for name in ('huge.png', 'huge.jpg', 'big.png'):\n"
         "    try: open_image(sys.argv[1] + '/' + name); sys.exit(name + ' was opened')\n"
         "    except InputError: pass\n"
-        # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, from before exec).
-        "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))\n"
+        "print(peak() - baseline)\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr + result.stdout
-    assert int(result.stdout) < 200_000  # peak resident memory in KiB: no decoded 1.2 GB image
+    assert int(result.stdout) < 50_000  # growth of the peak in KiB: no decoded image
 
 
 def animated_gif() -> bytes:
@@ -238,8 +359,7 @@ def sixteen_bit_png() -> bytes:
 ], ids=["L", "1", "RGBA", "LA", "P", "CMYK", "P-png", "I16-png", "animated-gif", "array-rgb", "array-float", "wide",
         "tiny"])
 def test_any_image_mode_is_converted_and_answered(predictor, image):
-    answers = predictor.answer(image, QUESTION)
-    assert len(answers) == 5 and all(0 < p <= 1 for p in answers.values())
+    assert_all_answers(predictor, predictor.answer(image, QUESTION, top_k=NUM_ANSWERS))
 
 
 @pytest.mark.parametrize("question", [
@@ -254,8 +374,7 @@ def test_any_image_mode_is_converted_and_answered(predictor, image):
     "what " * 59 + "is it",  # far more pieces than max_question_tokens
 ])
 def test_any_text_is_answered(predictor, question):
-    answers = predictor.answer(draw_shape("yellow", "rectangle"), question)
-    assert len(answers) == 5 and sum(answers.values()) <= 1 + 1e-6
+    assert_all_answers(predictor, predictor.answer(draw_shape("yellow", "rectangle"), question, top_k=NUM_ANSWERS))
 
 
 def test_top_k_must_be_a_positive_whole_number(predictor):
@@ -266,18 +385,32 @@ def test_top_k_must_be_a_positive_whole_number(predictor):
 
 # Shared batches for concurrent callers.
 
+JOBS = [(draw_shape(c, s, seed=i), QUESTION if i != 4 else "") for i, (c, s) in
+        enumerate([(c, s) for c in ("red", "green", "blue", "yellow") for s in ("circle", "rectangle")])]
+
+
 def test_batching_predictor_shares_a_forward_pass_and_keeps_errors_to_their_caller(predictor, monkeypatch):
     run_prepared = predictor.run_prepared
-    gate = threading.Event()
+    first_pass, gate = threading.Event(), threading.Event()
 
     def gated(requests):  # holds the first pass so that the other callers queue up behind it
-        gate.wait(timeout=10)
+        first_pass.set()
+        if not gate.wait(timeout=30):
+            raise AssertionError("the test never opened the gate")
         return run_prepared(requests)
 
+    waiting = []
+
+    class WatchedFuture(Future):
+        """BatchingPredictor.answer queues its request, then waits on its Future: count the waiters."""
+
+        def result(self, timeout=None):
+            waiting.append(self)
+            return super().result(timeout)
+
     monkeypatch.setattr(predictor, "run_prepared", gated)
+    monkeypatch.setattr(vqa.predict, "Future", WatchedFuture)
     batcher = BatchingPredictor(predictor, max_batch_size=16)
-    jobs = [(draw_shape(c, s, seed=i), QUESTION if i != 4 else "") for i, (c, s) in
-            enumerate([(c, s) for c in ("red", "green", "blue", "yellow") for s in ("circle", "rectangle")])]
     results: dict[int, object] = {}
 
     def call(i, image, question):
@@ -286,26 +419,45 @@ def test_batching_predictor_shares_a_forward_pass_and_keeps_errors_to_their_call
         except InputError as error:
             results[i] = error
 
-    threads = [threading.Thread(target=call, args=(i, *job)) for i, job in enumerate(jobs)]
+    threads = [threading.Thread(target=call, args=(i, *job), daemon=True) for i, job in enumerate(JOBS)]
     threads[0].start()
-    while not batcher.batch_sizes:  # the first request is in the (held) first pass
-        threading.Event().wait(0.01)
+    wait_until(first_pass.is_set, 30, "the first request never reached a forward pass")
     for thread in threads[1:]:
         thread.start()
-    while batcher._pending.qsize() < len(jobs) - 2:  # all others but the bad one are waiting
-        threading.Event().wait(0.01)
+    wait_until(lambda: len(waiting) == len(JOBS) - 1 and 4 in results, 30,
+               "the other good requests did not all queue up (the bad one fails in its own thread)")
     gate.set()
     for thread in threads:
         thread.join(timeout=30)
+        assert not thread.is_alive(), f"{thread.name}: a caller never got its answer"
 
-    assert list(batcher.batch_sizes) == [1, len(jobs) - 2]
+    assert list(batcher.batch_sizes) == [1, len(JOBS) - 2]
     assert isinstance(results[4], InputError) and "question is empty" in str(results[4])
-    monkeypatch.setattr(predictor, "run_prepared", run_prepared)
-    for i, (image, question) in enumerate(jobs):
+    for i, (image, question) in enumerate(JOBS):
         if i != 4:
-            expected = predictor.answer(image, question)
-            assert list(results[i]) == list(expected)
-            assert list(results[i].values()) == pytest.approx(list(expected.values()), abs=1e-5)
+            expected = run_prepared([predictor.prepare(image, question)])[0]
+            assert isinstance(results[i], Answer)
+            assert list(results[i].answers) == list(expected.answers)
+            assert list(results[i].answers.values()) == pytest.approx(list(expected.answers.values()), abs=1e-5)
+
+
+def test_a_failing_forward_pass_fails_its_callers_and_the_batcher_goes_on(predictor, monkeypatch):
+    run_prepared = predictor.run_prepared
+    failing = threading.Event()
+    failing.set()
+
+    def maybe_failing(requests):
+        if failing.is_set():
+            raise RuntimeError("bug in the forward pass")
+        return run_prepared(requests)
+
+    monkeypatch.setattr(predictor, "run_prepared", maybe_failing)
+    batcher = BatchingPredictor(predictor)
+    with pytest.raises(RuntimeError, match="bug in the forward pass"):
+        call_within(30, batcher.answer, JOBS[0][0], QUESTION)
+    failing.clear()
+    answer = call_within(30, batcher.answer, JOBS[0][0], QUESTION, top_k=2)
+    assert answer.answers == predictor.answer(JOBS[0][0], QUESTION, top_k=2)
 
 
 # The command line.
@@ -315,20 +467,14 @@ def run_cli(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_cli_prints_json_and_exits_2_with_the_error_for_bad_input(tiny_checkpoint, tmp_path):
+def test_cli_prints_json(tiny_checkpoint, tmp_path):
     image = tmp_path / "shape.png"
     draw_shape("red", "circle").save(image)
     result = run_cli("--checkpoint", tiny_checkpoint, "--image", image, "--question", QUESTION, "--json")
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
-    assert len(answers) == 5 and list(answers.values()) == sorted(answers.values(), reverse=True)
-
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"")
-    result = run_cli("--checkpoint", tiny_checkpoint, "--image", bad, "--question", QUESTION)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "0 bytes" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1  # the message, no traceback
+    assert answers == pytest.approx(Predictor.from_checkpoint(tiny_checkpoint).answer(image, QUESTION), abs=1e-6)
+    assert list(answers.values()) == sorted(answers.values(), reverse=True)
 
 
 def test_cli_prints_the_top_k_answers(tiny_checkpoint, tmp_path, capsys):
@@ -346,12 +492,28 @@ def test_cli_prints_the_top_k_answers(tiny_checkpoint, tmp_path, capsys):
     ({"--question": "  "}, "question is empty"),
     ({"--checkpoint": "no-such-checkpoint"}, "checkpoint folder not found"),
     ({"--image": "no-such-image.png"}, "image file not found"),
+    ({"--image": "empty.png"}, r"empty (0 bytes)"),
 ])
 def test_cli_exits_2_naming_the_problem(tiny_checkpoint, tmp_path, capsys, change, message):
     image = tmp_path / "shape.png"
     draw_shape("red", "circle").save(image)
+    (tmp_path / "empty.png").write_bytes(b"")
     options = {"--checkpoint": str(tiny_checkpoint), "--image": str(image), "--question": QUESTION}
     options.update({k: str(tmp_path / v) if k != "--question" else v for k, v in change.items()})
     assert predict_main([part for pair in options.items() for part in pair]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error
+    assert len(error.strip().splitlines()) == 1  # the message, no traceback
+
+
+def test_cli_refuses_a_question_that_is_not_utf8_in_one_line(tiny_checkpoint, tmp_path):
+    image = tmp_path / "shape.png"
+    draw_shape("red", "circle").save(image)
+    result = subprocess.run([sys.executable, "-m", "vqa.predict", "--checkpoint", str(tiny_checkpoint),
+                             "--image", str(image), "--question", b"what \xff color"],
+                            cwd=ROOT, capture_output=True, timeout=120, env={**os.environ, "PYTHONUTF8": "1"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert len(lines) == 1, lines  # the message, no traceback
+    assert lines[0].startswith("error: ") and "not valid UTF-8" in lines[0]
+    assert result.stdout == b""

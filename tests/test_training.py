@@ -118,6 +118,8 @@ def test_sigkill_at_any_point_then_resume_reaches_the_same_accuracy(tmp_path, da
     assert saved is not None  # the second kill came after at least one complete save
     saved_step = json.loads((saved / "trainer_state.json").read_text())["global_step"]
     before = set(work.glob("runs/*/events.out.tfevents.*"))
+    timed_before = json.loads((work / "run.json").read_text())["training_time_s"]
+    assert timed_before > 0  # the killed runs' training time was kept at their saves
     run_train(out, *data, "--epochs", "6", "--resume")
     # The resumed run logged (to TensorBoard files of its own) only steps after the saved one.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -130,6 +132,9 @@ def test_sigkill_at_any_point_then_resume_reaches_the_same_accuracy(tmp_path, da
             steps += [e.step for e in events.Scalars("train/loss")]
     assert steps and min(steps) > saved_step
     resumed, uninterrupted = read_card(out), read_card(trained)
+    # The card tells the whole run's time and the command that reproduces it (not the --resume).
+    assert resumed["training_time_s"] > round(timed_before)
+    assert "--resume" not in resumed["command"] and "--epochs 6" in resumed["command"]
     assert abs(resumed["val_accuracy"] - uninterrupted["val_accuracy"]) <= 0.3
     assert abs(resumed["test_accuracy"] - uninterrupted["test_accuracy"]) <= 0.3
 
@@ -153,7 +158,6 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, data):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Training has begun (its TensorBoard file exists), so the signal handler is installed.
     wait_for(lambda: list(work.glob("runs/*/events.out.tfevents.*")))
-    time.sleep(1)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
@@ -181,7 +185,62 @@ def test_unreadable_training_image_fails_by_name_or_is_skipped_on_request(tmp_pa
     failed = subprocess.run(train_command(tmp_path / "strict", *data), capture_output=True, text=True, cwd=ROOT,
                             timeout=300)
     assert failed.returncode == 2 and broken.name in failed.stderr and "--skip-bad-images" in failed.stderr
+    # Found before the first step: no training had started.
+    assert not list((tmp_path / "strict.trainer").glob("runs/*/events.out.tfevents.*"))
     result = run_train(tmp_path / "lenient", *data, "--skip-bad-images")
     assert "skipped 1 unreadable images" in result.stderr and broken.name in result.stderr
     card = read_card(tmp_path / "lenient")
     assert card["skipped_images"] == 1 and card["train_questions"] + card["val_questions"] == 22
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokenizer-vocab", "10"], "vocabulary size 10 is too small"),
+    (["--epochs", "1", "--max-train-questions", "4"], "4 training questions, fewer than one batch of 8"),
+])
+def test_impossible_settings_are_a_message_not_a_traceback(tmp_path, data, args, message):
+    result = subprocess.run(train_command(tmp_path / "x", *data, *args), capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") or f"\nerror: " in result.stderr
+    assert message in result.stderr
+
+
+def test_nonstandard_answer_counts_are_refused_unless_allowed(tmp_path):
+    files = make_vqa_v2_files(tmp_path / "data", n_images=10, subtype="train2014", seed=4)
+    annotations = json.loads(files["annotations"].read_text())
+    for a in annotations["annotations"]:
+        a["answers"] = a["answers"][:1]  # one answer per question, as some datasets give
+    files["annotations"].write_text(json.dumps(annotations))
+    data = ["--dataset", "files", "--train-questions", str(files["questions"]),
+            "--train-annotations", str(files["annotations"]), "--train-images", str(files["images"]),
+            "--epochs", "1", "--val-fraction", "0.2"]
+    refused = subprocess.run(train_command(tmp_path / "strict", *data), capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+    assert refused.returncode == 2
+    assert "20 questions do not have 10 human answers (20 with 1)" in refused.stderr
+    assert "--allow-nonstandard-answers" in refused.stderr
+    allowed = run_train(tmp_path / "lenient", *data, "--allow-nonstandard-answers")
+    assert "used as they are" in allowed.stderr
+
+
+@pytest.mark.parametrize("script", ["training/train.py", "training/evaluate.py", "training/extract_features.py",
+                                    "app.py"])
+def test_every_option_has_help(script):
+    """`--help` describes every option: no option line without words after it."""
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split("options:", 1)[1]
+    entries, current = [], None
+    for line in options.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-"):
+            current = [stripped]
+            entries.append(current)
+        elif current is not None and stripped:
+            current.append(stripped)
+    assert len(entries) >= 4
+    for entry in entries:
+        flag, _, rest = entry[0].partition("  ")
+        described = rest.strip() or len(entry) > 1
+        assert described, f"{script}: {flag} has no help text"

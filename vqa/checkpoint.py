@@ -194,3 +194,14 @@ def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, car
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def update_card(folder: str | Path, facts: dict) -> Path:
+    """Merge `facts` into the card's metadata, keeping its text; written atomically."""
+    path = Path(folder) / CARD_FILE
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    body = text.split("\n---\n", 1)[1] if text.startswith("---\n") and "\n---\n" in text else text
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_card({**read_card(folder), **facts}, body), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -23,7 +23,6 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
@@ -137,8 +136,9 @@ class _Run:
                     continue
                 if self.on_cuda:
                     pixels = pixels.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-                features = self.model.image_features(pixels)  # (B, F) or (B, F, h, w)
-                writer.append([image_ids[p] for p in positions], features.float().cpu().numpy().astype(np.float16))
+                # (B, F) or (B, F, h, w), rounded to float16 before the copy: half the bytes to move
+                features = self.model.image_features(pixels).to(torch.float16).cpu().numpy()
+                writer.append([image_ids[p] for p in positions], features)
         return skipped
 
 
@@ -149,9 +149,9 @@ def _process_state(device: torch.device | None) -> PartialState:
     state = PartialState(cpu=cpu, timeout=MERGE_TIMEOUT)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:  # each process would write the whole cache into the same folder
-        raise DataError(f"torchrun started {launched} processes but accelerate's state has {state.num_processes}: "
-                        "make the PartialState (or TrainingArguments) after torchrun's variables are set, "
-                        "with cpu=True on a machine without GPUs")
+        raise RuntimeError(f"torchrun started {launched} processes but accelerate's state has {state.num_processes}: "
+                           "make the PartialState (or TrainingArguments) after torchrun's variables are set, "
+                           "with cpu=True on a machine without GPUs")
     return state
 
 
@@ -169,7 +169,7 @@ def extract_features(model, image_paths: dict[int, Path], folder: str | Path, ba
     device = torch.device(device) if device is not None else None
     state = _process_state(device)
     device = device or state.device
-    meta = cache_meta(model)  # once: it hashes the backbone's weights
+    meta = cache_meta(model)  # once, passed down: it hashes the backbone's weights
     run = _Run(model, device, batch_size, default_num_workers(device) if num_workers is None else num_workers,
                progress and state.is_main_process, skip_bad_images)
     wanted = sorted(image_paths)

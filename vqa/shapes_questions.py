@@ -26,7 +26,7 @@ that axis; a relation question about such a pair is ambiguous and never asked or
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .answers import vqa_accuracy
@@ -93,30 +93,49 @@ def execute(program: tuple, scene: dict):
 
     Raises Ambiguous where CLEVR's executor would return an error.
     """
-    name, side, *inputs = program
-    args = [execute(p, scene) for p in inputs]
-    objects = scene["objects"]
-    op, _, kind = name.partition("_")
-    if name == "scene":
-        return frozenset(range(len(objects)))
-    if op == "filter":
-        return frozenset(i for i in args[0] if objects[i][kind] == side)
-    if name == "unique":
-        if len(args[0]) != 1:
-            raise Ambiguous(f"{len(args[0])} objects match a reference that must name one")
-        return next(iter(args[0]))
-    if name == "relate":
-        return _related(scene, side, args[0])
-    if op == "same":
-        return frozenset(j for j, o in enumerate(objects) if j != args[0] and o[kind] == objects[args[0]][kind])
-    if op == "query":
-        return objects[args[0]][kind]
-    simple = {"count": lambda s: len(s), "exist": lambda s: bool(s), "union": frozenset.union,
-              "intersect": frozenset.intersection, "equal": lambda a, b: a == b,
-              "greater": lambda a, b: a > b, "less": lambda a, b: a < b}
-    if op in simple:
-        return simple[op](*args)
-    raise ValueError(f"unknown program function {name!r}")
+    return _FUNCTIONS[program[0]](scene, program[1], *[execute(p, scene) for p in program[2:]])
+
+
+def _unique(scene, side, objects):
+    if len(objects) != 1:
+        raise Ambiguous(f"{len(objects)} objects match a reference that must name one")
+    return next(iter(objects))
+
+
+def _filter(kind):
+    def run(scene, value, s):
+        objects = scene["objects"]
+        return frozenset([i for i in s if objects[i][kind] == value])
+    return run
+
+
+def _same(kind):
+    def run(scene, side, obj):
+        objects = scene["objects"]
+        value = objects[obj][kind]
+        return frozenset([j for j, o in enumerate(objects) if j != obj and o[kind] == value])
+    return run
+
+
+def _query_function(kind):
+    return lambda scene, side, obj: scene["objects"][obj][kind]
+
+
+_FUNCTIONS = {
+    "scene": lambda scene, side: frozenset(range(len(scene["objects"]))),
+    "unique": _unique,
+    "relate": lambda scene, relation, obj: _related(scene, relation, obj),
+    "count": lambda scene, side, s: len(s),
+    "exist": lambda scene, side, s: bool(s),
+    "union": lambda scene, side, a, b: a | b,
+    "intersect": lambda scene, side, a, b: a & b,
+    "equal_integer": lambda scene, side, a, b: a == b,
+    "greater_than": lambda scene, side, a, b: a > b,
+    "less_than": lambda scene, side, a, b: a < b,
+}
+for _kind in ATTRIBUTES:
+    _FUNCTIONS.update({f"filter_{_kind}": _filter(_kind), f"same_{_kind}": _same(_kind),
+                       f"query_{_kind}": _query_function(_kind), f"equal_{_kind}": _FUNCTIONS["equal_integer"]})
 
 
 def _related(scene: dict, relation: str, obj: int) -> frozenset:
@@ -149,8 +168,16 @@ class Slot:
     kind: str
     avoid: tuple = ()
     nonempty: bool = False  # free: name at least one attribute ("things" would make it trivial)
-    within: Callable | None = None  # ref: slots -> program of the set the object is unique in
-    distinct: tuple = ()  # ref: ref slots whose object this one must not be
+    # free: the description names a colour or a shape; sizes and materials alone (2 values
+    # each) are nearly always present among 3+ objects: "is there a large thing?" is "yes".
+    specific: bool = False
+    # slots -> program of the set the description picks from: a ref is unique in it, a
+    # free description copies its values from one of its objects half of the time.
+    within: Callable | None = None
+    distinct: tuple = ()  # slots this one must differ from: a ref's object, a free description's words
+    # attr: pick an attribute in proportion to its number of values, so that every value
+    # (8 colours, 4 shapes, 2 sizes, 2 materials) is an equally frequent answer.
+    by_values: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,32 +209,45 @@ def _same_as(s, d="D", a="A", u="U"):
     return filtered(s[d], same(s[a], unique(s[u])))
 
 
-_U, _R, _A, _Q = Slot("U", "ref"), Slot("R", "rel"), Slot("A", "attr"), Slot("Q", "attr")
-_D1, _D2 = Slot("D1", "free", nonempty=True), Slot("D2", "free", nonempty=True)
+def _related_to(s, r="R", u="U"):
+    return relate(s[r], unique(s[u]))
+
+
+def _sharing(s):
+    return same(s["A"], unique(s["U"]))
+
+
+def _between(s):
+    return ("intersect", None, relate(s["R1"], unique(s["U1"])), relate(s["R2"], unique(s["U2"])))
+
+
+_U, _R, _A, _Q = Slot("U", "ref"), Slot("R", "rel"), Slot("A", "attr"), Slot("Q", "attr", by_values=True)
+_D1, _D2 = Slot("D1", "free", nonempty=True), Slot("D2", "free", nonempty=True, distinct=("D1",))
 
 TEMPLATES = (
     Template("exist", "exist", ("Are there any {D:pl}?", "Is there {a} {D}?"),
-             (Slot("D", "free", nonempty=True),), lambda s: ("exist", None, filtered(s["D"]))),
+             (Slot("D", "free", specific=True),), lambda s: ("exist", None, filtered(s["D"]))),
     Template("exist_relate", "exist", ("Are there any {D:pl} {R} the {U}?", "Is there {a} {D} {R} the {U}?"),
-             (_U, _R, Slot("D", "free")), lambda s: ("exist", None, _in_relation(s))),
+             (_U, _R, Slot("D", "free", within=_related_to)), lambda s: ("exist", None, _in_relation(s))),
     Template("exist_same", "exist", ("Are there any other {D:pl} that have the same {A} as the {U}?",
                                      "Is there another {D} that has the same {A} as the {U}?"),
-             (_U, _A, Slot("D", "free", avoid=("A",))), lambda s: ("exist", None, _same_as(s))),
+             (_U, _A, Slot("D", "free", avoid=("A",), specific=True, within=_sharing)),
+             lambda s: ("exist", None, _same_as(s))),
     Template("count", "count", ("How many {D:pl} are there?", "What number of {D:pl} are there?"),
              (Slot("D", "free"),), lambda s: _count(filtered(s["D"]))),
     Template("count_relate", "count", ("How many {D:pl} are {R} the {U}?", "What number of {D:pl} are {R} the {U}?"),
-             (_U, _R, Slot("D", "free")), lambda s: _count(_in_relation(s))),
+             (_U, _R, Slot("D", "free", within=_related_to)), lambda s: _count(_in_relation(s))),
     Template("count_same", "count", ("How many other {D:pl} have the same {A} as the {U}?",
                                      "What number of other {D:pl} have the same {A} as the {U}?"),
-             (_U, _A, Slot("D", "free", avoid=("A",))), lambda s: _count(_same_as(s))),
+             (_U, _A, Slot("D", "free", avoid=("A",), within=_sharing)), lambda s: _count(_same_as(s))),
     Template("count_or", "count", ("How many things are either {D1:pl} or {D2:pl}?",
                                    "What number of objects are {D1:pl} or {D2:pl}?"),
              (_D1, _D2), lambda s: _count(("union", None, filtered(s["D1"]), filtered(s["D2"])))),
     Template("count_and", "count", ("How many {D:pl} are both {R1} the {U1} and {R2} the {U2}?",
                                     "What number of {D:pl} are {R1} the {U1} and {R2} the {U2}?"),
-             (Slot("U1", "ref"), Slot("R1", "rel"), Slot("U2", "ref"), Slot("R2", "rel"), Slot("D", "free")),
-             lambda s: _count(filtered(s["D"], ("intersect", None, relate(s["R1"], unique(s["U1"])),
-                                                relate(s["R2"], unique(s["U2"])))))),
+             (Slot("U1", "ref"), Slot("R1", "rel"), Slot("U2", "ref", distinct=("U1",)), Slot("R2", "rel"),
+              Slot("D", "free", within=_between)),
+             lambda s: _count(filtered(s["D"], _between(s)))),
     Template("compare_more", "compare_integer", ("Are there more {D1:pl} than {D2:pl}?",),
              (_D1, _D2), lambda s: ("greater_than", None, _count(filtered(s["D1"])), _count(filtered(s["D2"])))),
     Template("compare_fewer", "compare_integer", ("Are there fewer {D1:pl} than {D2:pl}?",),
@@ -216,26 +256,26 @@ TEMPLATES = (
                                                   "Is the number of {D1:pl} the same as the number of {D2:pl}?"),
              (_D1, _D2), lambda s: ("equal_integer", None, _count(filtered(s["D1"])), _count(filtered(s["D2"])))),
     Template("compare_more_relate", "compare_integer", ("Are there more {D1:pl} {R} the {U} than {D2:pl}?",),
-             (_U, _R, Slot("D1", "free"), _D2),
+             (_U, _R, Slot("D1", "free", within=_related_to), _D2),
              lambda s: ("greater_than", None, _count(_in_relation(s, "D1")), _count(filtered(s["D2"])))),
     Template("compare_fewer_relate", "compare_integer", ("Are there fewer {D1:pl} {R} the {U} than {D2:pl}?",),
-             (_U, _R, Slot("D1", "free"), _D2),
+             (_U, _R, Slot("D1", "free", within=_related_to), _D2),
              lambda s: ("less_than", None, _count(_in_relation(s, "D1")), _count(filtered(s["D2"])))),
     Template("compare_equal_same", "compare_integer",
              ("Are there as many {D1:pl} as other {D2:pl} that have the same {A} as the {U}?",
               "Is the number of {D1:pl} the same as the number of other {D2:pl} that have the same {A} as the {U}?"),
-             (_D1, _U, _A, Slot("D2", "free", avoid=("A",))),
+             (_D1, _U, _A, Slot("D2", "free", avoid=("A",), within=_sharing)),
              lambda s: ("equal_integer", None, _count(filtered(s["D1"])), _count(_same_as(s, "D2")))),
     Template("query", "query_attribute", ("What {Q} is the {U}?", "What is the {Q} of the {U}?"),
              (_Q, Slot("U", "ref", avoid=("Q",))), lambda s: _query(s["Q"], unique(s["U"]))),
     Template("query_relate", "query_attribute", ("What {Q} is the {D} {R} the {U}?",
                                                  "What is the {Q} of the {D} that is {R} the {U}?"),
-             (_Q, _U, _R, Slot("D", "ref", avoid=("Q",), within=lambda s: relate(s["R"], unique(s["U"])))),
+             (_Q, _U, _R, Slot("D", "ref", avoid=("Q",), within=_related_to)),
              lambda s: _query(s["Q"], ("unique", None, _in_relation(s)))),
     Template("query_same", "query_attribute", ("What {Q} is the other {D} that has the same {A} as the {U}?",
                                                "What is the {Q} of the other {D} that has the same {A} as the {U}?"),
              (_Q, Slot("A", "attr", avoid=("Q",)), _U,
-              Slot("D", "ref", avoid=("Q", "A"), within=lambda s: same(s["A"], unique(s["U"])))),
+              Slot("D", "ref", avoid=("Q", "A"), within=_sharing)),
              lambda s: _query(s["Q"], ("unique", None, _same_as(s)))),
     Template("same_attr", "compare_attribute", ("Does the {U1} have the same {A} as the {U2}?",
                                                 "Is the {U1} the same {A} as the {U2}?"),
@@ -245,7 +285,7 @@ TEMPLATES = (
              ("Does the {D} {R} the {U1} have the same {A} as the {U2}?",
               "Is the {D} that is {R} the {U1} the same {A} as the {U2}?"),
              (_A, Slot("U1", "ref"), _R,
-              Slot("D", "ref", avoid=("A",), within=lambda s: relate(s["R"], unique(s["U1"]))),
+              Slot("D", "ref", avoid=("A",), within=lambda s: _related_to(s, u="U1")),
               Slot("U2", "ref", avoid=("A",), distinct=("D",))),
              lambda s: (f"equal_{s['A']}", None, _query(s["A"], ("unique", None, _in_relation(s, u="U1"))),
                         _query(s["A"], unique(s["U2"])))),
@@ -375,12 +415,15 @@ def true_answer(scene: dict, question: str) -> str | None:
 
 
 # -------------------------------------------------------------------------- generation
-CANDIDATES = 8  # valid fillings of a plan that the balance chooses from
+CANDIDATES = 8  # valid fillings of a plan that the balance chooses from...
+MAX_CANDIDATES = 12  # ...or more, up to this, while none has an answer the plan has given least
 ATTEMPTS = 40  # fillings tried per plan before giving the plan up
 PLANS = 30  # plans tried per question before trying another family
 # How often a free description or a reference starts out naming each kind (a reference
 # then adds kinds until it names one object).
 KIND_PROBABILITY = {"size": 0.3, "color": 0.45, "material": 0.3, "shape": 0.5}
+COUNT_KINDS = 0.6
+FAMILY_WEIGHT = 4
 
 
 class QuestionGenerator:
@@ -416,7 +459,9 @@ class QuestionGenerator:
             template = self.rng.choice(FAMILY_TEMPLATES[family])
             plan = self._plan(template)
             key = (template.id, *sorted(plan.items()))
+            counts = self.by_plan[key]
             candidates: dict[str, list] = {}
+            found, least = 0, min(counts.values(), default=0)
             for _ in range(ATTEMPTS):
                 slots = self._fill(template, plan, scene)
                 if slots is None:
@@ -426,12 +471,14 @@ class QuestionGenerator:
                 except Ambiguous:
                     continue
                 candidates.setdefault(answer, []).append(slots)
-                if sum(map(len, candidates.values())) == CANDIDATES:
+                found += 1
+                # Enough candidates, and one of them has an answer this plan has given least so far.
+                if found == MAX_CANDIDATES or found >= CANDIDATES and min(counts[a] for a in candidates) <= least:
                     break
             if not candidates:
                 continue
-            # Rejection sampling: keep the answer this plan (then this family) has given least.
-            answer = min(candidates, key=lambda a: (self.by_plan[key][a], self.by_family[family][a], self.rng.random()))
+            # Rejection sampling: keep the answer this plan has given least (then this family).
+            answer = min(candidates, key=lambda a: (counts[a] + self.by_family[family][a] / FAMILY_WEIGHT, self.rng.random()))
             slots = self.rng.choice(candidates[answer])
             text = render_text(self.rng.choice(template.texts), slots, self.rng)
             text = text[0].upper() + text[1:]
@@ -449,11 +496,14 @@ class QuestionGenerator:
         for slot in template.slots:
             avoid = {plan[name] for name in slot.avoid}
             if slot.kind == "attr":
-                plan[slot.name] = self.rng.choice([k for k in ATTRIBUTES if k not in avoid])
+                kinds = [k for k in ATTRIBUTES if k not in avoid]
+                weights = [len(ATTRIBUTES[k]) if slot.by_values else 1 for k in kinds]
+                plan[slot.name] = self.rng.choices(kinds, weights)[0]
             elif slot.kind == "free":
                 while True:
-                    kinds = tuple(k for k in ATTRIBUTES if k not in avoid and self.rng.random() < KIND_PROBABILITY[k])
-                    if kinds or not slot.nonempty:
+                    scale = COUNT_KINDS if template.family == "count" else 1
+                    kinds = tuple(k for k in ATTRIBUTES if k not in avoid and self.rng.random() < scale * KIND_PROBABILITY[k])
+                    if (kinds or not slot.nonempty) and (not slot.specific or {"color", "shape"} & set(kinds)):
                         break
                 plan[slot.name] = kinds
         return plan
@@ -463,29 +513,42 @@ class QuestionGenerator:
         objects = scene["objects"]
         slots, chosen = {}, {}
         for slot in template.slots:
-            if slot.kind == "attr":
-                slots[slot.name] = plan[slot.name]
-            elif slot.kind == "rel":
-                slots[slot.name] = self.rng.choice(RELATIONS)
-            elif slot.kind == "free":
-                # A random object's values or uniform ones: symmetric in the values, so the
-                # text does not tell the answer, and "yes"/nonzero answers are common enough.
-                source = self.rng.choice(objects) if self.rng.random() < 0.5 else None
-                slots[slot.name] = {k: source[k] if source else self.rng.choice(ATTRIBUTES[k]) for k in plan[slot.name]}
-            else:
-                try:
-                    context = execute(slot.within(slots), scene) if slot.within else range(len(objects))
-                except Ambiguous:
-                    return None
-                context = sorted(set(context) - {chosen[name] for name in slot.distinct})
-                if not context:
-                    return None
-                chosen[slot.name] = self.rng.choice(context)
-                avoid = {plan[name] for name in slot.avoid}
-                slots[slot.name] = self._unique_description(objects, chosen[slot.name], context, avoid)
-                if slots[slot.name] is None:
-                    return None
+            if slot.kind in ("attr", "rel"):
+                slots[slot.name] = plan[slot.name] if slot.kind == "attr" else self.rng.choice(RELATIONS)
+                continue
+            try:
+                context = sorted(execute(slot.within(slots), scene)) if slot.within else range(len(objects))
+            except Ambiguous:
+                return None
+            if slot.kind == "free":
+                slots[slot.name] = self._free_description(plan[slot.name], [objects[i] for i in context])
+                if any(slots[slot.name] == slots[name] for name in slot.distinct):
+                    return None  # "more circles than circles"
+                continue
+            taken = {chosen[name] for name in slot.distinct}
+            context = [i for i in context if i not in taken]
+            if not context:
+                return None
+            chosen[slot.name] = self.rng.choice(context)
+            avoid = {plan[name] for name in slot.avoid}
+            slots[slot.name] = self._unique_description(objects, chosen[slot.name], context, avoid)
+            if slots[slot.name] is None:
+                return None
         return slots
+
+    def _free_description(self, kinds: tuple, context: list) -> dict:
+        """Half of the time the values of an object of `context`, else values that no object
+        of it has (where some combination is missing): "yes" and "no", zero and nonzero,
+        both come up. Either rule treats all values alike, so a text does not tell its answer."""
+        if context and self.rng.random() < 0.5:
+            source = self.rng.choice(context)
+            return {k: source[k] for k in kinds}
+        present = {tuple(o[k] for k in kinds) for o in context}
+        for _ in range(8):  # most combinations are missing: a few draws find one
+            values = tuple(self.rng.choice(ATTRIBUTES[k]) for k in kinds)
+            if values not in present:
+                break
+        return dict(zip(kinds, values))
 
     def _unique_description(self, objects: list, target: int, context: list, avoid: set) -> dict | None:
         """A description of objects[target] that no other object of `context` fits (CLEVR's refinement)."""
@@ -493,13 +556,16 @@ class QuestionGenerator:
         kinds = [k for k in allowed if self.rng.random() < KIND_PROBABILITY[k]]
         rest = [k for k in allowed if k not in kinds]
         self.rng.shuffle(rest)
-        while True:
-            description = {k: objects[target][k] for k in kinds}
-            if all(i == target or any(objects[i][k] != v for k, v in description.items()) for i in context):
-                return description
+        obj = objects[target]
+        rivals = [objects[i] for i in context if i != target]
+        for kind in kinds:
+            rivals = [o for o in rivals if o[kind] == obj[kind]]
+        while rivals:  # name one more kind until no other object fits
             if not rest:
                 return None
             kinds.append(rest.pop())
+            rivals = [o for o in rivals if o[kinds[-1]] == obj[kinds[-1]]]
+        return {k: obj[k] for k in ATTRIBUTES if k in kinds}
 
 
 def suggest_questions(scene: dict, n: int = 5, seed: int = 0) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ from .evaluation import predict_split
 from .extraction import extract_features
 from .metrics import evaluate_results
 from .model import VQAModel, architecture
+from .reliability import fit_reliability
 from .text import TOKENIZER_FILE, QuestionTokenizer
 
 
@@ -269,7 +270,8 @@ def image_sources(model: VQAModel, options: TrainOptions, splits: dict[str, VQAS
     for name, split in splits.items():
         if model.config.freeze_backbone:
             folder = Path(options.feature_cache or out.with_name(out.name + ".features")) / name
-            sources[name] = ImageSource(split.image_paths, feature_cache=extract_features(model, split.image_paths, folder))
+            cache = extract_features(model, split.image_paths, folder, skip_bad_images=options.skip_bad_images)
+            sources[name] = ImageSource(split.image_paths, feature_cache=cache)
         else:
             sources[name] = ImageSource(split.image_paths, model.image_transform())
     return sources
@@ -339,9 +341,14 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
         splits["test"] = test
     sources = image_sources(model, options, splits)
     answer_index, max_tokens = model.config.label2id, model.config.max_question_tokens
+    args = training_arguments(options, work)
+    batch = options.batch_size * args.world_size
+    if len(train_part.records) < batch:
+        raise DataError(f"{len(train_part.records)} training questions, fewer than one batch of {batch} "
+                        "(--batch-size times processes): lower --batch-size or give more data")
     stop = StopOnSignal()
     trainer = VQATrainer(
-        model=model, args=training_arguments(options, work),
+        model=model, args=args,
         train_dataset=QuestionDataset(train_part, tokenizer, answer_index, max_tokens),
         eval_dataset=QuestionDataset(val_part, tokenizer, answer_index, max_tokens),
         data_collator=VQACollator(sources["train"], len(answer_index)), compute_metrics=vqa_accuracy_metric,
@@ -367,6 +374,10 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
     }
     if skipped:
         facts["skipped_images"] = len(skipped)
+    reliability = work / "reliability"
+    reliability.mkdir(exist_ok=True)
+    facts.update(fit_reliability(model, tokenizer, train_part, sources["train"], val_part, sources["train"],
+                                 reliability, options.seed))
     if test is not None and test.has_answers:
         # The test split is scored once, after every choice has been made on validation.
         scores = official_scores(model, tokenizer, test, sources["test"])
@@ -383,6 +394,7 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
 def save_run(model: VQAModel, tokenizer: QuestionTokenizer, options: TrainOptions, facts: dict, trainer: Trainer,
              work: Path, skipped: list[dict]) -> Path:
     extra = {"training_curves.png": plot_curves(trainer.state.log_history, work / "training_curves.png")}
+    extra.update({path.name: path for path in (work / "reliability").iterdir()})
     if skipped:
         (work / "skipped_images.json").write_text(json.dumps(skipped, indent=2))
         extra["skipped_images.json"] = work / "skipped_images.json"

@@ -1,0 +1,76 @@
+"""What a checkpoint knows about its own limits, fitted once its weights are final.
+
+- `FeatureDensity` (vqa/ood.py): how far an image's pooled CNN features are from the
+  training images', with a threshold that flags at most 1 % of held-out in-distribution
+  images; fitted on training images, thresholded on validation images.
+- `WordVocabulary` (vqa/words.py): the training questions' words, to name unknown ones.
+- `answer_threshold`: the lowest top-answer confidence at which the validation questions
+  answered have at most 1 % risk (1 - VQA accuracy); below it the app says "not sure".
+
+Training fits them at its end; `training/fit_reliability.py` fits them for an existing
+checkpoint. They are files of the checkpoint folder: ood.safetensors + ood.json,
+words.json, and `answer_threshold` in the model card.
+"""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .abstention import choose_threshold, coverage_at_risk
+from .data import ImageSource, VQASplit
+from .evaluation import predict_split
+from .metrics import question_accuracies
+from .ood import FeatureDensity
+from .words import WordVocabulary
+
+TARGET_RISK = 0.01
+MAX_FIT_IMAGES = 5000  # training images the density is fitted on: enough for F = 2048 (Ledoit-Wolf shrinks)
+BATCH = 64
+
+
+@torch.inference_mode()
+def pooled_features(model, source: ImageSource, image_ids: list[int]) -> np.ndarray:
+    """(N, F) pooled CNN features of the images, from the cache or through the CNN in batches."""
+    model.eval()
+    rows = []
+    for start in range(0, len(image_ids), BATCH):
+        block = source.batch(image_ids[start:start + BATCH])
+        features = block.get("image_features")
+        if features is None:
+            features = model.image_features(block["pixel_values"].to(model.device))
+        rows.append(model.pooled_features(features.to(model.device)).float().cpu().numpy())
+    return np.concatenate(rows)
+
+
+def fit_density(model, train: VQASplit, train_source: ImageSource, val: VQASplit, val_source: ImageSource,
+                seed: int = 0) -> FeatureDensity:
+    ids = train.image_ids
+    if len(ids) > MAX_FIT_IMAGES:
+        ids = random.Random(seed).sample(ids, MAX_FIT_IMAGES)
+    return FeatureDensity().fit(pooled_features(model, train_source, ids),
+                                pooled_features(model, val_source, val.image_ids), TARGET_RISK)
+
+
+def fit_threshold(model, tokenizer, val: VQASplit, val_source: ImageSource) -> dict:
+    """{answer_threshold, val coverage at 1 % risk} from the validation split's answers."""
+    predictions = predict_split(model, tokenizer, val, feature_cache=val_source.feature_cache, progress=False)
+    accuracy = question_accuracies(predictions.results, val)
+    ids = [r["question_id"] for r in val.records]
+    confidence = np.array([predictions.confidence[i] for i in ids])
+    correct = np.array([accuracy[i] for i in ids])
+    return {"answer_threshold": float(choose_threshold(confidence, correct, TARGET_RISK)),
+            "val_coverage_at_1pct_risk": round(100 * coverage_at_risk(confidence, correct, TARGET_RISK), 2)}
+
+
+def fit_reliability(model, tokenizer, train: VQASplit, train_source: ImageSource, val: VQASplit,
+                    val_source: ImageSource, folder: str | Path, seed: int = 0) -> dict:
+    """Fit all three, write the files into `folder` (a checkpoint, or where one is being built)
+    and return the card facts: the answer threshold and the OOD threshold."""
+    density = fit_density(model, train, train_source, val, val_source, seed)
+    density.save(folder)
+    WordVocabulary.from_questions(r["question"] for r in train.records).save(folder)
+    facts = fit_threshold(model, tokenizer, val, val_source)
+    facts["ood_threshold"] = float(density.threshold)
+    return facts

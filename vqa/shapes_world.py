@@ -1,0 +1,397 @@
+"""The shapes world: a procedural 2D CLEVR, drawn with PIL, written in the VQA v2 layout.
+
+CLEVR (Johnson et al. 2017, https://cs.stanford.edu/people/jcjohns/clevr/) renders 3D
+scenes of 3-10 objects with a shape, one of 8 colours, a size and a material, stores each
+scene as a graph, and asks questions made of functional programs over the graph. This is
+its flat twin: shapes circle, square, triangle, diamond; CLEVR's 8 colours and RGB values;
+sizes small and large; material "solid" (filled) or "outline" (a thick outline with the
+background inside). Objects never overlap, and as CLEVR's renderer does (its `margin`),
+every two centres differ by at least `relation_margin` along x and along y, so "left of",
+"right of", "above" and "below" always have a clear answer: object j is left of object i
+when x_j <= x_i - margin (image y grows downwards: "above" is a smaller y).
+
+Questions and their programs are `vqa.shapes_questions`. The files are the VQA v2 layout
+(`vqa.data.load_vqa_split` reads them) plus CLEVR-style scene graphs:
+
+    OUT/shapes_world_{split}_questions.json, ..._annotations.json, ..._scenes.json
+    OUT/{split}/shapes_{split}_{image_id:06d}.png
+
+Every pixel and question follows from (seed, split, sizes): each scene has its own RNG, and
+the answer balance restarts every `CHUNK_SCENES` scenes, so the number of worker processes
+changes nothing, and the first N scenes of a larger split are the N-scene split.
+"""
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from .data import VQASplit, load_vqa_split
+from .errors import DataError, InputError
+from .shapes_questions import ATTRIBUTES, RELATIONS, QuestionGenerator
+
+GENERATOR_VERSION = 1  # part of the cache key: bump when a change alters the generated data
+SPLITS = ("train", "val", "test")
+CHUNK_SCENES = 100  # scenes per work unit; the answer balance restarts at each chunk
+HUMAN_ANSWERS = 10  # the one answer repeated, as the VQA metric expects 10 humans
+# CLEVR's own RGB values (clevr-dataset-gen, image_generation/data/properties.json).
+COLORS = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
+          "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
+BACKGROUND = (216, 214, 208)  # light warm gray; each scene shifts each channel by up to BACKGROUND_JITTER
+BACKGROUND_JITTER = 10
+NOISE = 3.0  # std of the per-pixel luminance noise, in 0-255 levels
+OBJECT_GAP = 0.015  # empty space between two objects' circles, fraction of the image side (2 px at 128)
+OUTLINE = 0.22  # stroke of an "outline" object, fraction of its radius
+SUPERSAMPLE = 2  # draw at 2x and average down: smooth edges without per-shape antialiasing
+PLACE_ATTEMPTS = 200  # positions tried per object before the scene's layout starts over
+LAYOUT_RESTARTS = 2000  # layouts tried before the sizes are declared impossible
+ROW_FIELDS = ("shape", "color", "size", "material", "x", "y")
+assert set(COLORS) == set(ATTRIBUTES["color"])
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The world's sizes and the built-in splits. Lengths are fractions of image_size."""
+
+    image_size: int = 128  # side of the square images, in pixels
+    min_objects: int = 3  # objects per scene: uniform in [min_objects, max_objects], as CLEVR
+    max_objects: int = 10  # at most 10: count answers are "0".."10"
+    small_radius: float = 0.07  # radius of a small object (9 px at 128)
+    large_radius: float = 0.11  # radius of a large one (14 px); 0.12 makes 10-object layouts ~100x slower
+    relation_margin: float = 0.045  # least x and y distance of two centres (6 px at 128, CLEVR's ratio)
+    questions_per_scene: int = 10
+    seed: int = 0  # base seed; each split derives its own from it and the split name
+    train_scenes: int = 6000
+    val_scenes: int = 600
+    test_scenes: int = 1000
+
+    def __post_init__(self):
+        if not 32 <= self.image_size <= 4096:
+            raise ValueError(f"image_size must be 32..4096 pixels, not {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects <= 10:
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= 10, got {self.min_objects}, {self.max_objects}")
+        if not 0 < self.small_radius < self.large_radius < 0.25:
+            raise ValueError(f"need 0 < small_radius < large_radius < 0.25, got {self.small_radius}, {self.large_radius}")
+        if self.radius("small") < 3:
+            raise ValueError(f"small objects would be {self.radius('small')} px: raise image_size or small_radius")
+        if not 1 <= self.questions_per_scene < 1000:
+            raise ValueError(f"questions_per_scene must be 1..999, not {self.questions_per_scene}")
+
+    def radius(self, size: str) -> int:
+        return round((self.small_radius if size == "small" else self.large_radius) * self.image_size)
+
+    @property
+    def margin_px(self) -> int:
+        return max(1, round(self.relation_margin * self.image_size))
+
+    @property
+    def scene_params(self) -> dict:
+        """The fields that shape scenes (not the split sizes)."""
+        return {k: getattr(self, k) for k in ("image_size", "min_objects", "max_objects", "small_radius",
+                                               "large_radius", "relation_margin")}
+
+
+# ------------------------------------------------------------------------------ scenes
+def compute_relationships(objects: list[dict], margin: int) -> dict:
+    """CLEVR's relationships: rel[i] = the objects that are `rel` of object i.
+
+    A pair whose centres are closer than `margin` along an axis is in neither list of it.
+    """
+    def where(i, relation):
+        xi, yi = objects[i]["pixel_coords"]
+        test = {"left": lambda x, y: x <= xi - margin, "right": lambda x, y: x >= xi + margin,
+                "above": lambda x, y: y <= yi - margin, "below": lambda x, y: y >= yi + margin}[relation]
+        return [j for j, o in enumerate(objects) if test(*o["pixel_coords"])]
+
+    return {relation: [where(i, relation) for i in range(len(objects))] for relation in RELATIONS}
+
+
+def _layout(rng: random.Random, radii: list[int], config: WorldConfig) -> list[tuple[int, int]] | None:
+    """Centres for circles of these radii: inside the image, apart, and margin-separated in x and y."""
+    side, margin, gap = config.image_size, config.margin_px, round(OBJECT_GAP * config.image_size)
+    placed = []
+    for r in radii:
+        for _ in range(PLACE_ATTEMPTS):
+            x, y = rng.randint(r + 1, side - 2 - r), rng.randint(r + 1, side - 2 - r)
+            if all(abs(x - px) >= margin and abs(y - py) >= margin and (x - px) ** 2 + (y - py) ** 2 >= (r + pr + gap) ** 2
+                   for px, py, pr in placed):
+                placed.append((x, y, r))
+                break
+        else:
+            return None
+    return [(x, y) for x, y, _ in placed]
+
+
+def random_scene(seed, config: WorldConfig | None = None) -> dict:
+    """A random scene graph; `seed` (int or str) fixes it entirely."""
+    config = config or WorldConfig()
+    rng = random.Random(f"shapes-world/{seed}")
+    n = rng.randint(config.min_objects, config.max_objects)
+    objects = [{kind: rng.choice(values) for kind, values in ATTRIBUTES.items()} for _ in range(n)]
+    # Large objects first: the layout then rarely has to start over.
+    order = sorted(range(n), key=lambda i: objects[i]["size"] != "large")
+    for _ in range(LAYOUT_RESTARTS):
+        centres = _layout(rng, [config.radius(objects[i]["size"]) for i in order], config)
+        if centres is not None:
+            break
+    else:
+        raise DataError(f"cannot place {n} objects in a {config.image_size}-pixel image with these radii and "
+                        "margins: use a larger image_size, smaller radii or fewer max_objects")
+    for i, (x, y) in zip(order, centres):
+        objects[i] = {**objects[i], "pixel_coords": [x, y], "radius": config.radius(objects[i]["size"])}
+    background = [c + rng.randint(-BACKGROUND_JITTER, BACKGROUND_JITTER) for c in BACKGROUND]
+    return {"image_index": 0, "image_filename": "", "objects": objects,
+            "relationships": compute_relationships(objects, config.margin_px),
+            "background": background, "noise_seed": rng.getrandbits(32)}
+
+
+# ----------------------------------------------------------------------------- drawing
+_DIAMOND_WIDTH = 0.62  # half-width of a diamond over its half-height: no mistaking it for a square
+_INRADIUS = {"circle": 1.0, "square": math.sqrt(0.5), "triangle": 0.5,
+             "diamond": _DIAMOND_WIDTH / math.hypot(1, _DIAMOND_WIDTH)}  # centre-to-side, per unit radius
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """A shape whose farthest point is r from (cx, cy): it never leaves its circle."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        return
+    h, w = math.sqrt(0.5) * r, _DIAMOND_WIDTH * r
+    points = {"square": [(-h, -h), (h, -h), (h, h), (-h, h)],
+              "triangle": [(0, -r), (r * math.sqrt(0.75), r / 2), (-r * math.sqrt(0.75), r / 2)],
+              "diamond": [(0, -r), (w, 0), (0, r), (-w, 0)]}[shape]
+    draw.polygon([(cx + px, cy + py) for px, py in points], fill=fill)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: dict, scale: int, color, background) -> None:
+    x, y = obj["pixel_coords"]
+    cx, cy, r = (x + 0.5) * scale, (y + 0.5) * scale, obj["radius"] * scale
+    _draw_shape(draw, obj["shape"], cx, cy, r, color)
+    if obj["material"] == "outline":
+        # The same shape shrunk about its centre: a band of even width OUTLINE * r on every side.
+        inradius = _INRADIUS[obj["shape"]] * r
+        stroke = max(OUTLINE * r, scale)
+        _draw_shape(draw, obj["shape"], cx, cy, r * (inradius - stroke) / inradius, background)
+
+
+def render_scene(scene: dict, config: WorldConfig | None = None) -> Image.Image:
+    """The scene as an RGB image of config.image_size pixels; the same scene gives the same pixels."""
+    side = (config or WorldConfig()).image_size
+    background = tuple(scene.get("background", BACKGROUND))
+    image = Image.new("RGB", (side * SUPERSAMPLE, side * SUPERSAMPLE), background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene["objects"]:
+        _draw_object(draw, obj, SUPERSAMPLE, COLORS[obj["color"]], background)
+    image = image.resize((side, side), Image.Resampling.BOX)
+    noise = np.random.default_rng(scene.get("noise_seed", 0)).normal(0.0, NOISE, (side, side, 1))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8))
+
+
+def object_mask(obj: dict, image_size: int) -> np.ndarray:
+    """(image_size, image_size) bool: the pixels the object touches when rendered."""
+    mask = Image.new("L", (image_size * SUPERSAMPLE,) * 2, 0)
+    _draw_shape(ImageDraw.Draw(mask), obj["shape"], (obj["pixel_coords"][0] + 0.5) * SUPERSAMPLE,
+                (obj["pixel_coords"][1] + 0.5) * SUPERSAMPLE, obj["radius"] * SUPERSAMPLE, 255)
+    return np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX)) > 0
+
+
+# -------------------------------------------------------------------------------- rows
+def scene_to_rows(scene: dict) -> list[list]:
+    """The scene as a table, one row per object: shape, color, size, material, x, y."""
+    return [[o["shape"], o["color"], o["size"], o["material"], *o["pixel_coords"]] for o in scene["objects"]]
+
+
+def _whole_number(value, where: str) -> int:
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"{where} is {value!r}, not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise InputError(f"{where} is {value!r}, expected a whole number of pixels")
+    return int(value)
+
+
+def _object_from_row(row, number: int, config: WorldConfig) -> dict:
+    if not isinstance(row, (list, tuple)) or len(row) != len(ROW_FIELDS):
+        raise InputError(f"row {number}: expected {len(ROW_FIELDS)} fields ({', '.join(ROW_FIELDS)}), got {row!r}")
+    obj = {}
+    for kind, value in zip(ROW_FIELDS[:4], row):
+        text = str(value).strip().lower() if value is not None else ""
+        if text not in ATTRIBUTES[kind]:
+            raise InputError(f"row {number}: {kind} {value!r} is not one of {', '.join(ATTRIBUTES[kind])}")
+        obj[kind] = text
+    radius = config.radius(obj["size"])
+    coords = []
+    for axis, value in zip("xy", row[4:]):
+        c = _whole_number(value, f"row {number}: {axis}")
+        if not radius <= c <= config.image_size - 1 - radius:
+            raise InputError(f"row {number}: {axis} = {c} puts the {obj['size']} object (radius {radius} px) "
+                             f"outside the {config.image_size}-pixel image: use {radius}..{config.image_size - 1 - radius}")
+        coords.append(c)
+    return {**obj, "pixel_coords": coords, "radius": radius}
+
+
+def scene_from_rows(rows, config: WorldConfig | None = None) -> dict:
+    """A scene from a table of rows (shape, color, size, material, x, y), as `scene_to_rows` gives.
+
+    Text is case-insensitive; x, y are pixel centres (numbers or numeric text). Rows left
+    wholly empty are skipped. Raises InputError naming the row (1-based) and field at
+    fault, or the two rows whose objects overlap. Pairs closer than the relation margin
+    are allowed: relation questions about them have no answer (`true_answer` gives None).
+    """
+    config = config or WorldConfig()
+    rows = [row for row in rows if not (isinstance(row, (list, tuple)) and all(c in (None, "") for c in row))]
+    if not 1 <= len(rows) <= config.max_objects:
+        raise InputError(f"a scene holds 1 to {config.max_objects} objects; these rows give {len(rows)}")
+    objects = [_object_from_row(row, n, config) for n, row in enumerate(rows, start=1)]
+    for i, a in enumerate(objects):
+        for j in range(i + 1, len(objects)):
+            b = objects[j]
+            distance = math.dist(a["pixel_coords"], b["pixel_coords"])
+            if distance < a["radius"] + b["radius"] + 1:
+                raise InputError(f"rows {i + 1} and {j + 1} overlap: their centres are {distance:.1f} px apart, "
+                                 f"they need {a['radius'] + b['radius'] + 1}")
+    return {"image_index": 0, "image_filename": "", "objects": objects,
+            "relationships": compute_relationships(objects, config.margin_px),
+            "background": list(BACKGROUND), "noise_seed": 0}
+
+
+# ------------------------------------------------------------------------------- files
+def split_files(out_dir: str | Path, split: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {"questions": out_dir / f"shapes_world_{split}_questions.json",
+            "annotations": out_dir / f"shapes_world_{split}_annotations.json",
+            "scenes": out_dir / f"shapes_world_{split}_scenes.json",
+            "images": out_dir / split}
+
+
+def generate_scenes(split: str, seed: int, start: int, stop: int, config: WorldConfig) -> list[tuple[dict, list[dict]]]:
+    """Scenes start..stop-1 of a split, each with its questions (see `QuestionGenerator.questions`).
+
+    Call it on whole chunks (start a multiple of CHUNK_SCENES) to get what `write_split` writes.
+    """
+    questions = QuestionGenerator(f"shapes-world/{seed}/{split}/questions/{start}")
+    out = []
+    for index in range(start, stop):
+        scene = random_scene(f"{seed}/{split}/{index}", config)
+        scene.update(image_index=index, image_filename=f"shapes_{split}_{index:06d}.png", split=split)
+        out.append((scene, questions.questions(scene, config.questions_per_scene)))
+    return out
+
+
+def _make_chunk(job: tuple) -> list[tuple[dict, list[dict]]]:
+    """One work unit of `write_split`: a chunk of scenes, their questions, their PNG files."""
+    image_dir, split, seed, config, start, stop = job
+    chunk = generate_scenes(split, seed, start, stop, config)
+    for scene, _ in chunk:
+        # compress_level 1: a third of the time of the default 6, files 5% larger (the noise does not compress).
+        render_scene(scene, config).save(Path(image_dir) / scene["image_filename"], compress_level=1)
+    return chunk
+
+
+def _annotation(question_id: int, image_id: int, q: dict) -> dict:
+    return {"question_id": question_id, "image_id": image_id, "question_type": q["family"],
+            "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
+            "answers": [{"answer": q["answer"], "answer_confidence": "yes", "answer_id": i + 1}
+                        for i in range(HUMAN_ANSWERS)],
+            "relation": q["relation"], "template": q["template"]}
+
+
+def write_split(out_dir: str | Path, split: str, num_scenes: int, seed: int = 0, questions_per_scene: int = 10,
+                progress: bool = True, workers: int | None = None, **params) -> dict[str, Path]:
+    """Generate a split into out_dir in the VQA v2 layout (see the module docstring); return its paths.
+
+    params: WorldConfig's scene fields (image_size, min_objects, max_objects, small_radius,
+    large_radius, relation_margin). workers: processes (default: the CPUs this process may
+    use); the output does not depend on it. Question ids are image_id * 1000 + k.
+    """
+    config = WorldConfig(questions_per_scene=questions_per_scene, seed=seed, **params)
+    paths = split_files(out_dir, split)
+    paths["images"].mkdir(parents=True, exist_ok=True)
+    jobs = [(paths["images"], split, seed, config, start, min(start + CHUNK_SCENES, num_scenes))
+            for start in range(0, num_scenes, CHUNK_SCENES)]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+    scenes, questions, annotations = [], [], []
+    with tqdm(total=num_scenes, unit="scene", desc=f"shapes world {split}", disable=not progress) as bar:
+        pool = multiprocessing.Pool(workers) if workers > 1 else None
+        try:
+            for chunk in (pool.imap(_make_chunk, jobs) if pool else map(_make_chunk, jobs)):
+                for scene, asked in chunk:
+                    image_id = scene["image_index"]
+                    scenes.append(scene)
+                    for k, q in enumerate(asked):  # question ids as VQA v2's: image_id * 1000 + k
+                        questions.append({"image_id": image_id, "question": q["question"], "question_id": image_id * 1000 + k})
+                        annotations.append(_annotation(image_id * 1000 + k, image_id, q))
+                bar.update(len(chunk))
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+    info = {"dataset": "shapes-world", "split": split, "version": GENERATOR_VERSION, "seed": seed,
+            "num_scenes": num_scenes, "questions_per_scene": questions_per_scene, **config.scene_params}
+    common = {"info": info, "data_type": "shapes-world", "data_subtype": split}
+    _write_json(paths["questions"], {**common, "task_type": "Open-Ended", "questions": questions})
+    _write_json(paths["annotations"], {**common, "annotations": annotations})
+    _write_json(paths["scenes"], {"info": info, "scenes": scenes})
+    return paths
+
+
+def _write_json(path: Path, data) -> None:
+    with path.open("w") as f:
+        json.dump(data, f, separators=(",", ":"))
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """cache_dir, else $VQA_CACHE_DIR/shapes-world, else ~/.cache/vqa-demo/shapes-world."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("VQA_CACHE_DIR", "~/.cache/vqa-demo")).expanduser() / "shapes-world"
+
+
+def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> VQASplit:
+    """A split of the built-in shapes world, generated on first use and cached.
+
+    params: any WorldConfig field (sizes of the world and of the splits). The cache folder
+    is CACHE/{split}-{hash of the parameters}; it is written under a temporary name and
+    renamed into place, so an interrupted run never leaves half a dataset behind.
+    """
+    if split not in SPLITS:
+        raise DataError(f"the shapes world has splits {', '.join(SPLITS)}, not {split!r}")
+    unknown = set(params) - {f.name for f in fields(WorldConfig)}
+    if unknown:
+        raise DataError(f"unknown shapes-world parameter(s) {', '.join(sorted(unknown))}: "
+                        f"use {', '.join(f.name for f in fields(WorldConfig))}")
+    config = WorldConfig(**params)
+    num_scenes = getattr(config, f"{split}_scenes")
+    key_fields = {"version": GENERATOR_VERSION, "split": split, "num_scenes": num_scenes, "seed": config.seed,
+                  "questions_per_scene": config.questions_per_scene, **config.scene_params}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_root(cache_dir)
+    folder = root / f"{split}-{key}"
+    if not folder.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        temporary = root / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            write_split(temporary, split, num_scenes, config.seed, config.questions_per_scene, progress,
+                        **config.scene_params)
+            (temporary / "config.json").write_text(json.dumps({**asdict(config), **key_fields}, indent=1))
+            temporary.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # another process finishing first is fine; anything else is not
+                raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    files = split_files(folder, split)
+    return load_vqa_split(files["questions"], files["annotations"], files["images"], name=f"shapes-world-{split}")
