@@ -84,13 +84,18 @@ def user_error(error: InputError, image=None) -> gr.Error:
     message = str(error)
     if isinstance(image, dict) and image.get("path"):
         message = message.replace(image["path"], image.get("orig_name") or "the uploaded image")
-    log.info("refused: %s", message)  # one line per refused request, no traceback
-    return gr.Error(html.escape(message), title="Cannot answer")
+    return refusal(message)
+
+
+def refusal(message: str, title: str = "Cannot answer") -> gr.Error:
+    """The error a user sees (markup escaped), logged as one line instead of a traceback."""
+    log.info("refused: %s", message)
+    return gr.Error(html.escape(message), title=title, print_exception=False)
 
 
 def served(models: Models, name: str) -> Served:
     if name not in models:
-        raise gr.Error(html.escape(f"no model named {name!r}; choose one of {', '.join(models)}"))
+        raise refusal(f"no model named {name!r}; choose one of {', '.join(models)}")
     return models[name]
 
 
@@ -195,7 +200,7 @@ def _scene(rows):
     try:
         return shapes_world.scene_from_rows([row for row in table if any(str(c).strip() for c in row)])
     except ValueError as error:
-        raise gr.Error(html.escape(str(error)), title="Cannot build the scene") from None
+        raise refusal(str(error), "Cannot build the scene") from None
 
 
 def pick_suggestion(event: gr.SelectData) -> str:

@@ -1,43 +1,51 @@
 """Training at VQA v2 scale on cached CNN features: throughput, memory, FLOP utilisation.
 
-    python benchmarks/bench_train_scale.py                          # batch 512, 20 timed steps
-    # the figures of docs/vqa-v2.md: one thread (a shared CPU), then the LSTM proposal
-    python benchmarks/bench_train_scale.py --threads 1 --batch-sizes 256 512 --steps 20
-    python benchmarks/bench_train_scale.py --threads 1 --batch-sizes 256 512 1024 --steps 20 \
-        --question-lstm by-length --data-epochs 0 --memory-epochs 0 --build-sample 0
+    python benchmarks/bench_train_scale.py                          # pooled model, batch 512, 20 timed steps
+    # the pooled figures of docs/vqa-v2.md: one thread (a shared CPU)
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_scale.py --threads 1 --batch-sizes 256 512 --steps 20
+    # the attention figures: 2 glimpses over 2048 x 14 x 14 maps of 4,000 images (3.1 GB)
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_scale.py --threads 1 --attention-glimpses 2 --map-size 14
 
-Built on the fly in a temporary folder, VQA v2 train2014-sized: 443,757 questions on
-82,783 images (5.36 each), 2048-d float16 features as a FeatureCache memmap on disk
-(323 MB), 3,129 answers, questions of 7 pieces on average (VQA v2: 6.2 words plus "?"),
-10 human answers each turned into soft scores with the official leave-one-out formula.
+Built on the fly in a temporary folder (--tmp), VQA v2 train2014-sized: 443,757 questions
+on 82,783 images (5.36 each), 3,129 answers, questions of 7 pieces on average (VQA v2: 6.2
+words plus "?"), 10 human answers each turned into soft scores with the official
+leave-one-out formula. The features are a float16 FeatureCache written by CacheWriter:
+2048-d pooled rows (323 MB), or with --attention-glimpses G the 2048 x S x S maps of
+--map-size S. A 14 x 14 map cache of all of train2014 is 66.5 GB, so the attention run
+takes --images images (default 4,000: 3.1 GB at 14 x 14) and their 5.36 questions each;
+per question the work is the same as at full scale.
 
 The model is the real VQAModel at the paper's sizes (embedding 300, 2 x 512 LSTM, common
 1024, classifier hidden 1000; its resnet152 backbone is frozen and never run), trained by
 the real VQATrainer (transformers.Trainer: AdamW, cosine schedule, gradient clipping)
 through the real data path: ImageGroupedSampler -> items -> VQACollator ->
-ImageSource(feature_cache=FeatureCache). The items come from `ArrayQuestions`, which
-returns exactly QuestionDataset's item dicts from flat numpy arrays: building 443,757
-real QuestionDataset items (SentencePiece + official answer scoring per question) is
-measured on a slice and extrapolated instead.
+ImageSource(feature_cache=FeatureCache), and the model's own forward. The items come from
+`ArrayQuestions`, which returns exactly QuestionDataset's item dicts from flat numpy
+arrays: building 443,757 real QuestionDataset items (SentencePiece + official answer
+scoring per question) is measured on a slice and extrapolated instead.
 
 Reported:
+- the cache's read rate over every image in shuffled batches of 96 (a batch of 512
+  questions): rows copied out of the memmap with the file dropped from the page cache first
+  (the disk's rate), and FeatureCache.get (float16 rows -> float32 tensor) from the disk and
+  from the page cache;
 - samples/s of training, timed after warm-up steps, and one epoch's time at that rate;
 - FLOP utilisation = model FLOPs per sample x samples/s / fp32 matmul FLOP/s, the
   matmul rate measured in the same run (a 2048^3 torch.mm, best of 5, before and after;
   also per CPU second, against torch.mm and against oneDNN's matmul, the faster of the
-  two on AMD CPUs).
-  FLOPs are counted analytically, 2 per multiply-add over the real tokens (no padding),
-  backward 2x forward, and checked against FlopCounterMode on one batch's forward;
+  two on AMD CPUs). FLOPs are counted analytically (`flops_per_sample`) and checked
+  against FlopCounterMode on one batch's forward;
 - memory: peak resident set, and anonymous resident memory after each of several epochs
-  (data path over all questions; training over a slice): it must not grow;
-- where the time of a step goes (torch.profiler, top operators), and the question LSTM
-  run packed (as VQAModel does) against one unpadded call per question length.
+  (data path over all questions; training over a slice): it must not grow. The cache's
+  pages are file-backed (RssFile): the page cache, which the kernel reclaims, not the heap;
+- where the time of a step goes (torch.profiler, top operators), and, as a standalone
+  measurement of `model.question_encoder.lstm`, the question LSTM run packed (as VQAModel
+  runs it) against one unpadded call per question length.
 """
 
 import argparse
 import ctypes
 import gc
-import json
 import os
 import resource
 import sys
@@ -50,15 +58,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vqa.config import VQAConfig  # noqa: E402
-from vqa.data import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit  # noqa: E402
-from vqa.features import FEATURES_FILE, INDEX_FILE, META_FILE, FeatureCache  # noqa: E402
-from vqa.model import VQAModel  # noqa: E402
+from vqa.config import VQAConfig
+from vqa.data import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit
+from vqa.feature_cache import FEATURES_FILE, CacheWriter, FeatureCache
+from vqa.model import VQAModel
 
 QUESTIONS, IMAGES, ANSWERS, FEATURE_DIM, VOCAB = 443_757, 82_783, 3_129, 2048, 4000
 FIRST_IMAGE_ID = 9  # COCO train2014 ids are sparse; these are too (every 7th)
+BATCH_IMAGES = 96  # distinct images in a batch of 512 questions (5.36 per image)
 
 
 def rss() -> dict[str, float]:
@@ -139,19 +146,58 @@ class _ImageIdRecords:
         return ({"image_id": i} for i in self.image_id.tolist())
 
 
-def write_feature_cache(folder: Path, rng: np.random.Generator) -> FeatureCache:
-    """A cache folder in vqa.features' layout: ReLU-like pooled features, float16 memmap."""
-    folder.mkdir(parents=True)
-    features = np.lib.format.open_memmap(folder / FEATURES_FILE, mode="w+", dtype=np.float16, shape=(IMAGES, FEATURE_DIM))
-    for start in range(0, IMAGES, 8192):
-        stop = min(start + 8192, IMAGES)
-        features[start:stop] = np.abs(rng.standard_normal((stop - start, FEATURE_DIM), dtype=np.float32))
-    features.flush()
-    del features
-    ids = FIRST_IMAGE_ID + 7 * np.arange(IMAGES)
-    (folder / INDEX_FILE).write_text(json.dumps({int(i): r for r, i in enumerate(ids)}))
-    (folder / META_FILE).write_text(json.dumps({"backbone": "resnet152", "feature_dim": FEATURE_DIM}))
+def write_feature_cache(folder: Path, rng: np.random.Generator, images: int, map_size: int) -> FeatureCache:
+    """A cache of `images` rows written by CacheWriter: pooled (2048,) rows, or (2048, S, S) maps
+    with map_size S > 0; nonnegative (ReLU-like) uniform values, stored as float16."""
+    shape = [FEATURE_DIM, map_size, map_size] if map_size else [FEATURE_DIM]
+    meta = {"backbone": "resnet152", "image_size": 32 * map_size or None, "transform": "synthetic",
+            "weights": "synthetic", "output_stride": None, "feature_shape": shape}
+    ids = (FIRST_IMAGE_ID + 7 * np.arange(images)).tolist()
+    chunk = max(1, 2**27 // (2 * int(np.prod(shape))))  # 128 MB of float16 rows per append
+    with CacheWriter(folder, meta, images) as writer:
+        for start in range(0, images, chunk):
+            rows = ids[start : start + chunk]
+            writer.append(rows, rng.random((len(rows), *shape), dtype=np.float32))
     return FeatureCache(folder)
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict the file's clean pages (posix_fadvise DONTNEED), so that the next read comes from
+    the disk. Pages some process has mapped stay: call it before the cache is read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_rates(cache: FeatureCache, rng: np.random.Generator, batch_images: int = BATCH_IMAGES) -> dict[str, float]:
+    """MB/s (10^6 bytes) of float16 cache rows read over every image once, in shuffled batches of
+    `batch_images` as the image-grouped sampler asks for them:
+    - "disk": the rows copied out of a fresh memmap, the file dropped from the page cache first;
+    - "get, disk": FeatureCache.get (rows -> float32 tensor), the file dropped first;
+    - "get, page cache": FeatureCache.get again, the file now in the page cache."""
+    path = cache.folder / FEATURES_FILE
+    ids = np.array(sorted(cache.index))
+    rng.shuffle(ids)
+    batches = [ids[s : s + batch_images] for s in range(0, len(ids), batch_images)]
+    megabytes = cache.features[: len(ids)].nbytes / 1e6
+
+    def rate(read) -> float:
+        started = time.perf_counter()
+        for batch in batches:
+            read(batch)
+        return megabytes / (time.perf_counter() - started)
+
+    drop_from_page_cache(path)
+    raw = np.load(path, mmap_mode="r")
+    rates = {"disk": rate(lambda batch: raw[np.sort(cache.rows(batch))])}
+    del raw  # unmapped, so that its pages can be dropped again
+    drop_from_page_cache(path)
+    rates["get, disk"] = rate(cache.get)
+    rates["get, page cache"] = rate(cache.get)
+    return rates
 
 
 def question_dataset_build_cost(n: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -189,19 +235,33 @@ def question_dataset_build_cost(n: int, rng: np.random.Generator) -> tuple[float
 # ---------------------------------------------------------------- FLOPs
 
 
-def flops_per_sample(config: VQAConfig, mean_tokens: float, images_per_question: float) -> dict[str, float]:
-    """Forward FLOPs per question (2 per multiply-add) by part; training = 3x forward."""
-    e, h, c = config.embed_dim, config.lstm_hidden, config.common_dim
+def flops_per_sample(config: VQAConfig, mean_tokens: float, images_per_question: float,
+                     locations: int = 0) -> dict[str, float]:
+    """FLOPs per question of the matrix products (2 per multiply-add) by part, forward, and
+    "training" = forward + backward. Backward is 2x forward where the product's input needs a
+    gradient (input and weight gradients), 1x where that input is the frozen CNN's features
+    (weight gradient only). With attention (config.attention_glimpses = G over `locations`
+    L = h*w): the location projection runs once per image, the scores and the attended sum
+    once per question and location, the image projection takes the G x F attended vectors."""
+    e, h, c, f = config.embed_dim, config.lstm_hidden, config.common_dim, config.image_feature_dim
+    g = config.attention_glimpses
     lstm_per_token = 2 * 4 * h * (e + h) + (config.lstm_layers - 1) * 2 * 4 * h * (2 * h)
-    parts = {
-        "lstm": lstm_per_token * mean_tokens,
-        "question projection": 2 * (2 * config.lstm_layers * h) * c,
-        "image projection": 2 * config.image_feature_dim * c * images_per_question,
-        "classifier": 2 * c * config.classifier_hidden + 2 * config.classifier_hidden * config.num_labels,
+    parts = {  # name: (forward FLOPs, backward / forward)
+        "lstm": (lstm_per_token * mean_tokens, 2),
+        "question projection": (2 * (2 * config.lstm_layers * h) * c, 2),
+        "classifier": (2 * c * config.classifier_hidden + 2 * config.classifier_hidden * config.num_labels, 2),
     }
-    parts["forward"] = sum(parts.values())
-    parts["training"] = 3 * parts["forward"]
-    return parts
+    if g:
+        parts["location projection"] = (2 * locations * f * c * images_per_question, 1)
+        parts["attention scores"] = (2 * locations * c * g, 2)
+        parts["attended sum"] = (2 * g * locations * f, 1)  # the map needs no gradient, the weights do
+        parts["image projection"] = (2 * g * f * c, 2)
+    else:
+        parts["image projection"] = (2 * f * c * images_per_question, 1)
+    out = {name: forward for name, (forward, _) in parts.items()}
+    out["forward"] = sum(out.values())
+    out["training"] = sum(forward * (1 + backward) for forward, backward in parts.values())
+    return out
 
 
 def counted_forward_flops(model: VQAModel, batch: dict) -> float:
@@ -236,15 +296,6 @@ def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 # ---------------------------------------------------------------- training
 
 
-def build_model() -> VQAModel:
-    torch.manual_seed(0)
-    answers = [f"answer {k}" for k in range(ANSWERS)]
-    config = VQAConfig(backbone="resnet152", freeze_backbone=True, vocab_size=VOCAB, embed_dim=300, lstm_hidden=512,
-                       lstm_layers=2, common_dim=1024, classifier_hidden=1000, dropout=0.5,
-                       id2label=dict(enumerate(answers)), label2id={a: i for i, a in enumerate(answers)})
-    return VQAModel(config).train()
-
-
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back, so that resident memory shows what is held."""
     gc.collect()
@@ -254,9 +305,9 @@ def release_memory() -> None:
         pass
 
 
-def train_steps(dataset, collator, batch_size: int, steps: int, warmup: int, work: Path,
+def train_steps(model: VQAModel, dataset, collator, batch_size: int, steps: int, warmup: int, work: Path,
                 epochs: int | None = None) -> dict:
-    """Run the real VQATrainer; times each step and records memory at each epoch's end."""
+    """Train `model` with the real VQATrainer; times each step and records memory at each epoch's end."""
     from transformers import TrainerCallback, TrainingArguments
 
     from vqa.training import VQATrainer
@@ -284,10 +335,10 @@ def train_steps(dataset, collator, batch_size: int, steps: int, warmup: int, wor
         save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
         remove_unused_columns=False, label_names=["labels"], disable_tqdm=True, seed=0, **length)
     clock = Clock()
-    trainer = VQATrainer(model=build_model(), args=args, train_dataset=dataset, data_collator=collator,
+    trainer = VQATrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          callbacks=[clock])
     trainer.train()
-    del trainer
+    del trainer, model
     release_memory()
     timed, cpu = np.diff(clock.step_ends)[warmup:], np.diff(clock.step_cpu)[warmup:]
     if not len(timed):
@@ -309,7 +360,8 @@ def data_path_epochs(dataset, collator, batch_size: int, epochs: int) -> list[di
             images += batch["image_features"].shape[0]
         seconds = time.perf_counter() - started
         release_memory()
-        out.append({"epoch": epoch + 1, "samples_per_s": len(dataset) / seconds,
+        row_mb = collator.images.feature_cache.features[0].nbytes / 1e6
+        out.append({"epoch": epoch + 1, "samples_per_s": len(dataset) / seconds, "read_mb_per_s": images * row_mb / seconds,
                     "images_per_batch": images / len(loader), **rss()})
     return out
 
@@ -348,20 +400,6 @@ def lstm_by_length(lstm: torch.nn.LSTM, embedded: torch.Tensor, lengths: torch.T
     return h, c
 
 
-def use_question_lstm_by_length() -> None:
-    """Run VQAModel's question LSTM as one unpadded call per length, in this process only:
-    the change to QuestionEncoder.forward that this benchmark measures as a proposal."""
-    from vqa.model import QuestionEncoder
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        embedded = torch.tanh(self.embed(input_ids))  # (B, T, E)
-        h, c = lstm_by_length(self.lstm, embedded, lengths.cpu().clamp(min=1))  # each (L, B, H)
-        state = torch.cat([h, c], dim=0).transpose(0, 1).flatten(1)  # (B, 2LH)
-        return torch.tanh(self.project(state))
-
-    QuestionEncoder.forward = forward
-
-
 def question_lstm_variants(model: VQAModel, batch: dict, repeats: int = 4) -> dict[str, float]:
     """Seconds (best of `repeats`) of the question LSTM's forward + backward on the batch: as the
     model runs it (packed) and one call per length; their largest difference in h and c."""
@@ -392,38 +430,69 @@ def question_lstm_variants(model: VQAModel, batch: dict, repeats: int = 4) -> di
     return seconds
 
 
+def build_model(glimpses: int = 0) -> VQAModel:
+    """The paper-size model, pooled or with `glimpses` of attention; same weights every call."""
+    torch.manual_seed(0)
+    answers = [f"answer {k}" for k in range(ANSWERS)]
+    config = VQAConfig(backbone="resnet152", freeze_backbone=True, vocab_size=VOCAB, embed_dim=300, lstm_hidden=512,
+                       lstm_layers=2, common_dim=1024, classifier_hidden=1000, dropout=0.5,
+                       attention_glimpses=glimpses, id2label=dict(enumerate(answers)),
+                       label2id={a: i for i, a in enumerate(answers)})
+    return VQAModel(config).train()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention-glimpses", type=int, default=0,
+                        help="0: the pooled model on 2048-d features; G > 0: G glimpses over --map-size maps")
+    parser.add_argument("--map-size", type=int, default=14,
+                        help="side S of the 2048 x S x S maps (14: ResNet-152 at 448 px; 7: at 224 px)")
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"images in the cache, with 5.36 questions each (default: {IMAGES:,} pooled, "
+                             "4,000 with attention)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512])
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per batch size")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed training steps per batch size (default: 20 pooled, 8 with attention)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--data-epochs", type=int, default=2, help="epochs of the data path alone over all questions")
     parser.add_argument("--memory-epochs", type=int, default=3, help="training epochs over a slice, for memory")
-    parser.add_argument("--memory-questions", type=int, default=2048)
+    parser.add_argument("--memory-questions", type=int, default=None,
+                        help="questions of that slice (default: 2048 pooled, 1024 with attention)")
     parser.add_argument("--build-sample", type=int, default=20_000, help="questions to build QuestionDataset items from")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
-    parser.add_argument("--question-lstm", choices=["packed", "by-length"], default="packed",
-                        help="packed: VQAModel as it is; by-length: one LSTM call per question length (a proposal)")
+    parser.add_argument("--tmp", default=None, help="folder for the synthetic cache (default: the system's temp folder)")
     args = parser.parse_args(argv)
+    glimpses = args.attention_glimpses
+    map_size = args.map_size if glimpses else 0
+    images = args.images or (4000 if glimpses else IMAGES)
+    questions = round(images * QUESTIONS / IMAGES)
+    steps = args.steps or (8 if glimpses else 20)
+    memory_questions = args.memory_questions or (1024 if glimpses else 2048)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.question_lstm == "by-length":
-        use_question_lstm_by_length()
 
     rng = np.random.default_rng(0)
+    model_name = f"{glimpses}-glimpse attention over 2048 x {map_size} x {map_size} maps" if glimpses else "pooled"
     print(f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average "
-          f"{os.getloadavg()[0]:.1f} (other processes on this machine slow every figure); question LSTM: "
-          f"{args.question_lstm}")
-    with tempfile.TemporaryDirectory() as tmp:
+          f"{os.getloadavg()[0]:.1f} (other processes on this machine slow every figure); model: {model_name}")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        dataset = ArrayQuestions(rng)
-        cache = write_feature_cache(tmp / "features", rng)
+        dataset = ArrayQuestions(rng, questions, images)
+        built = time.perf_counter() - started
+        started = time.perf_counter()
+        cache = write_feature_cache(tmp / "features", rng, images, map_size)
+        written = time.perf_counter() - started
+        size_mb = cache.features.nbytes / 2**20
         lengths = np.diff(dataset.token_offsets)
-        print(f"synthetic VQA v2 train: {len(dataset):,} questions, {len(cache):,} images, {FEATURE_DIM}-d fp16 "
-              f"features ({cache.features.nbytes / 2**20:.0f} MB memmap), {ANSWERS:,} answers, "
-              f"{lengths.mean():.2f} pieces per question, {len(dataset.answer_idx) / len(dataset):.2f} scored "
-              f"answers per question; built in {time.perf_counter() - started:.0f} s")
+        print(f"synthetic VQA v2 train: {len(dataset):,} questions, {len(cache):,} images, "
+              f"{' x '.join(map(str, cache.feature_shape))} float16 features ({size_mb:,.0f} MiB memmap, generated and "
+              f"written by CacheWriter in {written:.0f} s), {ANSWERS:,} answers, "
+              f"{lengths.mean():.2f} pieces per question, {len(dataset.answer_idx) / len(dataset):.2f} scored answers "
+              f"per question; questions built in {built:.0f} s")
+        if images < IMAGES:
+            print(f"  (a slice: all {IMAGES:,} train2014 images would be "
+                  f"{cache.features.nbytes * IMAGES / images / 1e9:,.1f} GB)")
 
         if args.build_sample:
             seconds, megabytes = question_dataset_build_cost(args.build_sample, rng)
@@ -431,34 +500,33 @@ def main(argv=None) -> int:
             print(f"real QuestionDataset items: {seconds:.2f} s and {megabytes:.0f} MB for {args.build_sample:,} "
                   f"questions -> about {seconds * scale:.0f} s and {megabytes * scale:.0f} MB for {QUESTIONS:,}")
 
-        collator = VQACollator(ImageSource({}, feature_cache=cache), ANSWERS)
-        rows = dataset.image_id[: 96 * 6 : 6].tolist()  # a batch's worth of distinct images
-        reads = []
-        for _ in range(50):
-            started = time.perf_counter()
-            cache.get(rows)
-            reads.append(time.perf_counter() - started)
-        print(f"FeatureCache.get: {len(rows)} images in {np.median(reads) * 1000:.2f} ms")
+        rates = read_rates(cache, rng)
+        print(f"reading every image once in shuffled batches of {BATCH_IMAGES}: {rates['disk']:,.0f} MB/s of rows "
+              f"from a memmap on the disk (dropped from the page cache first); FeatureCache.get (float16 -> float32 "
+              f"tensor) {rates['get, disk']:,.0f} MB/s from the disk, {rates['get, page cache']:,.0f} MB/s from the "
+              "page cache")
 
+        collator = VQACollator(ImageSource({}, feature_cache=cache), ANSWERS)
         if args.data_epochs:
             print(f"\ndata path alone (sampler + items + collator + cache), batch {args.batch_sizes[0]}, "
                   "all questions:")
         for row in data_path_epochs(dataset, collator, args.batch_sizes[0], args.data_epochs):
             print(f"  epoch {row['epoch']}: {row['samples_per_s']:8.0f} samples/s, {row['images_per_batch']:.0f} "
-                  f"images per batch, RssAnon {row['RssAnon']:.0f} MB, RssFile {row['RssFile']:.0f} MB")
+                  f"images per batch, {row['read_mb_per_s']:,.0f} MB/s of features, RssAnon {row['RssAnon']:.0f} MB, "
+                  f"RssFile {row['RssFile']:.0f} MB")
 
-        model = build_model()
+        model = build_model(glimpses)
         sample_batch = collator([dataset[i] for i in range(max(args.batch_sizes))])
         mean_tokens = float(lengths.mean())
         images_per_question = len(cache) / len(dataset)
-        flops = flops_per_sample(model.config, mean_tokens, images_per_question)
+        flops = flops_per_sample(model.config, mean_tokens, images_per_question, map_size**2)
         print("\nFLOPs per question, forward: " + ", ".join(
             f"{k} {v / 1e6:.1f}M" for k, v in flops.items() if k not in ("forward", "training")))
         check = sample_batch
         analytic = flops_per_sample(model.config, check["lengths"].float().mean().item(),
-                                    check["image_features"].shape[0] / len(check["lengths"]))
+                                    check["image_features"].shape[0] / len(check["lengths"]), map_size**2)
         counted = counted_forward_flops(model.eval(), check)
-        print(f"  forward {flops['forward'] / 1e6:.1f} MFLOP, training (3x) {flops['training'] / 1e6:.1f} MFLOP; "
+        print(f"  forward {flops['forward'] / 1e6:.1f} MFLOP, training {flops['training'] / 1e6:.1f} MFLOP; "
               f"FlopCounterMode on one batch's forward: {counted / (analytic['forward'] * len(check['lengths'])):.3f}x "
               "the analytic count")
         del model
@@ -466,13 +534,14 @@ def main(argv=None) -> int:
         results = {}
         for batch_size in args.batch_sizes:
             before = matmul_rates()
-            run = train_steps(dataset, collator, batch_size, args.steps + args.warmup, args.warmup, tmp / "trainer")
+            run = train_steps(build_model(glimpses), dataset, collator, batch_size, steps + args.warmup, args.warmup,
+                              tmp / "trainer")
             after = matmul_rates()
             rate = {k: (before[k] + after[k]) / 2 for k in before}
             results[batch_size] = run
             achieved, achieved_cpu = flops["training"] * run["samples_per_s"], flops["training"] * run["samples_per_cpu_s"]
             print(f"\ntraining, batch {batch_size}: {run['samples_per_s']:.1f} samples/s (median step "
-                  f"{run['step_s']:.2f} s, {args.steps} steps after {args.warmup} warm-up), peak memory so far "
+                  f"{run['step_s']:.2f} s, {steps} steps after {args.warmup} warm-up), peak memory so far "
                   f"{run['peak_mb']:.0f} MB\n  {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / rate['mm']:.0f} % of "
                   f"the fp32 torch.mm rate ({rate['mm'] / 1e9:.1f} GFLOP/s, 2048^3, before and after)\n"
                   f"  per CPU second, which other processes disturb less: {achieved_cpu / 1e9:.1f} GFLOP = "
@@ -485,25 +554,25 @@ def main(argv=None) -> int:
               f"rate measured here; {cpu_min:.0f} CPU-minutes, i.e. {cpu_min / os.cpu_count():.0f}-{cpu_min:.0f} min "
               f"on this CPU's {os.cpu_count()} cores idle (perfect to no scaling over cores)")
 
-        model = build_model()
+        model = build_model(glimpses)
         batch = {k: v[:best] if k != "image_features" else v for k, v in sample_batch.items()}
         print(f"\nwhere a training step goes (self CPU time, batch {best}):")
         for name, share in profile_step(model, batch):
             print(f"  {100 * share:5.1f} %  {name}")
         variants = question_lstm_variants(model, batch)
-        print(f"question LSTM forward + backward, batch {best}: packed (as VQAModel runs it) "
+        print(f"model.question_encoder.lstm alone, forward + backward, batch {best}: packed (as VQAModel runs it) "
               f"{variants['packed']:.2f} s, one call per length {variants['by length']:.2f} s "
               f"(same h and c within {variants['max difference']:.1e})")
-        del model, batch
+        del model, batch, sample_batch
         release_memory()
         if not args.memory_epochs:
             print(f"peak resident memory of the whole run: {peak_rss_mb():.0f} MB")
             return 0
 
         before = rss()
-        memory = train_steps(dataset.subset(args.memory_questions), collator, 128, 0, 0, tmp / "memory",
-                             epochs=args.memory_epochs)
-        print(f"\ntraining {args.memory_epochs} epochs over {args.memory_questions:,} questions (batch 128): "
+        memory = train_steps(build_model(glimpses), dataset.subset(memory_questions), collator, 128, 0, 0,
+                             tmp / "memory", epochs=args.memory_epochs)
+        print(f"\ntraining {args.memory_epochs} epochs over {memory_questions:,} questions (batch 128): "
               f"resident memory before: RssAnon {before['RssAnon']:.0f} MB; after each epoch:")
         for epoch, row in enumerate(memory["epoch_rss"], 1):
             print(f"  epoch {epoch}: RssAnon {row['RssAnon']:.0f} MB, RssFile {row['RssFile']:.0f} MB")

@@ -190,7 +190,8 @@ def call_within(seconds: float, function, *args, **kwargs):
     try:
         returned, value = box.get(timeout=seconds)
     except queue.Empty:
-        raise AssertionError(f"{getattr(function, '__qualname__', function)} did not return within {seconds} s") from None
+        name = getattr(function, "__qualname__", function)
+        raise AssertionError(f"{name} did not return within {seconds} s") from None
     if not returned:
         raise value
     return value

@@ -201,3 +201,83 @@ def test_a_noise_image_is_flagged_and_an_unknown_word_named(client, tmp_path):
     assert "Never seen in training:" in notice and "kitchen" in notice
     label, notice, details = ask(client, easy_vqa.get_test_image_paths()[0], "what color is the shape?")
     assert details["unusual_image"] is False and "unlike anything" not in notice
+
+
+# The handlers, without a server.
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    import app
+
+    return app.load_models([tiny_checkpoint])
+
+
+def test_importing_the_app_parses_no_arguments_and_loads_no_model():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['app.py', '--no-such-option']; import app; "
+            "import vqa.model as m; print(len([o for o in __import__('gc').get_objects() "
+            "if isinstance(o, m.VQAModel)]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "0"
+
+
+def test_predict_handler_returns_answers_notice_and_details(models, tiny_checkpoint):
+    import app
+
+    name = tiny_checkpoint.name
+    answers, notice, details = app.predict(models, name, draw_shape("red", "circle"), QUESTION)
+    assert len(answers) == 5 and details["answer"] == next(iter(answers))
+    assert details["confidence"] == pytest.approx(max(answers.values()))
+    assert isinstance(notice, str)
+    with pytest.raises(gr_error()) as raised:
+        app.predict(models, "no-such-model", draw_shape("red", "circle"), QUESTION)
+    assert "no model named" in str(raised.value)
+
+
+def gr_error():
+    import gradio as gr
+
+    return gr.Error
+
+
+def test_user_errors_escape_markup_of_the_file_name():
+    import app
+    from vqa.errors import InputError
+
+    upload = {"path": "/tmp/gradio/abc/x.png", "orig_name": '<a href="http://x">log in</a><img src=x>.png'}
+    error = app.user_error(InputError("/tmp/gradio/abc/x.png is not a readable image"), upload)
+    text = str(error)
+    assert "<a" not in text and "<img" not in text and "&lt;a href=" in text
+    assert "/tmp/gradio" not in text
+
+
+def test_notice_names_each_reason_not_to_trust_an_answer():
+    import app
+    from vqa.predict import Answer
+
+    calm = Answer({"red": 0.99, "blue": 0.01}, 0.99, threshold=0.5, image_score=1.0, image_threshold=2.0)
+    assert app.notice(calm) == ""
+    worried = Answer({"red": 0.4, "blue": 0.3}, 0.4, threshold=0.5, image_score=3.0, image_threshold=2.0,
+                     unknown_words=["cups", "<b>x</b>"])
+    text = app.notice(worried)
+    assert "unlike anything this model was trained on" in text and "Not sure" in text
+    assert "cups, &lt;b&gt;x&lt;/b&gt;" in text
+
+
+def test_compare_answers_with_every_model(models, tiny_checkpoint):
+    import app
+
+    rows = app.compare(models, draw_shape("blue", "circle"), QUESTION)
+    assert [row[0] for row in rows] == [tiny_checkpoint.name]
+    assert rows[0][1] in ANSWERS and 0 < rows[0][2] <= 1
+
+
+def test_model_markdown_says_what_the_checkpoint_is(models, tiny_checkpoint):
+    import app
+
+    text = app.model_markdown(models[tiny_checkpoint.name].predictor.describe())
+    assert "test_resnet CNN + 2-layer LSTM (24 units)" in text and "easy-vqa" in text
+    assert "13" in text

@@ -182,14 +182,14 @@ def test_corrupt_image_without_skipping_names_the_file(tiny_checkpoint, tmp_path
     corrupt = files["images"] / "COCO_val2014_000000001007.jpg"
     corrupt.write_bytes(b"")
     # run_evaluation screens every image before predicting ...
-    with pytest.raises(DataError, match=rf"{corrupt} is empty \(0 bytes\).*--skip-bad-images"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(corrupt))} is empty \(0 bytes\).*--skip-bad-images"):
         run_evaluation(tmp_path / "out", tiny_checkpoint, questions=files["questions"],
                        annotations=files["annotations"], images=files["images"], progress=False)
     assert not (tmp_path / "out" / "results.json").exists()
     # ... predict_split itself skips nothing: an unscreened bad image stops it, named.
     split = load_vqa_split(files["questions"], files["annotations"], files["images"])
     model, tokenizer = load_checkpoint(tiny_checkpoint)
-    with pytest.raises(DataError, match=rf"{corrupt}.*--skip-bad-images"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(corrupt))}.*--skip-bad-images"):
         predict_split(model, tokenizer, split, progress=False)
 
 
@@ -304,11 +304,11 @@ def test_screened_split_predicts_the_kept_questions_only(model_and_split):
 def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path, tiny_checkpoint, vqa_v2_files):
     a_file = tmp_path / "taken"
     a_file.write_text("")
-    with pytest.raises(DataError, match=rf"output folder {a_file} is a file"):
+    with pytest.raises(DataError, match=rf"output folder {re.escape(str(a_file))} is a file"):
         run_evaluation(a_file, tiny_checkpoint, questions=vqa_v2_files["questions"], images=vqa_v2_files["images"],
                        progress=False)
     inside = a_file / "out"  # a folder cannot be made inside a file, whoever runs the test (root too)
-    with pytest.raises(DataError, match=rf"cannot write into the output folder {inside}"):
+    with pytest.raises(DataError, match=rf"cannot write into the output folder {re.escape(str(inside))}"):
         run_evaluation(inside, tiny_checkpoint, questions=vqa_v2_files["questions"], images=vqa_v2_files["images"],
                        progress=False)
 

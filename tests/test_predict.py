@@ -188,7 +188,8 @@ def detecting(tiny_checkpoint, tmp_path_factory):
     density.save(folder)
     WordVocabulary.from_questions(TRAINING_QUESTIONS).save(folder)
     card = (folder / "README.md").read_text()
-    (folder / "README.md").write_text(card.replace("test_accuracy: 12.5", "test_accuracy: 12.5\nanswer_threshold: 0.99"))
+    card = card.replace("test_accuracy: 12.5", "test_accuracy: 12.5\nanswer_threshold: 0.99")
+    (folder / "README.md").write_text(card)
     return Predictor.from_checkpoint(folder), density, shapes[32:]
 
 
@@ -218,7 +219,8 @@ def test_assess_scores_the_image_with_the_fitted_density(detecting):
     answer = predictor.assess(heldout[0], "is there a circle?")
     assert answer.unknown_words == []
     with torch.no_grad():
-        features = predictor.model.pooled_features(predictor.model.image_features(predictor.image_pixels(heldout[0])[None]))
+        features = predictor.model.image_features(predictor.image_pixels(heldout[0])[None])
+        features = predictor.model.pooled_features(features)
     assert answer.image_score == pytest.approx(float(density.score(features.numpy())[0]), rel=1e-6)
     assert not answer.unusual_image  # a held-out image: the threshold was set at the highest of them
     # The scores come per image from one forward pass, in the order of the image rows.
@@ -315,7 +317,8 @@ def test_a_huge_image_is_refused_in_bounded_memory(tmp_path):
     # exec), taken after the imports (torch alone is hundreds of MB) and after the opening attempts.
     script = (
         "import sys; from vqa.images import open_image; from vqa.errors import InputError\n"
-        "def peak(): return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+        "def peak():\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
         "baseline = peak()\n"
         "for name in ('huge.png', 'huge.jpg', 'big.png'):\n"
         "    try: open_image(sys.argv[1] + '/' + name); sys.exit(name + ' was opened')\n"

@@ -30,7 +30,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vqa.data import load_vqa_split  # noqa: E402
 from vqa.errors import VQAError  # noqa: E402
 from vqa.shapes_questions import blind_baseline, suggest_questions  # noqa: E402
 from vqa.shapes_world import SPLITS, WorldConfig, random_scene, render_scene, split_files, write_split  # noqa: E402
@@ -82,6 +81,8 @@ def sample_picture(seed: int, config: WorldConfig, questions: int = 5, zoom: int
 
 
 def print_baseline(out: Path, split: str) -> None:
+    from vqa.data import load_vqa_split  # imports torch: only when asked for
+
     read = {name: load_vqa_split(files["questions"], files["annotations"])
             for name, files in (("train", split_files(out, "train")), (split, split_files(out, split)))}
     result = blind_baseline(read["train"].records, read[split].records)

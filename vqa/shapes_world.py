@@ -21,6 +21,7 @@ the answer balance restarts every `CHUNK_SCENES` scenes, so the number of worker
 changes nothing, and the first N scenes of a larger split are the N-scene split.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -30,19 +31,19 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .data import VQASplit, load_vqa_split
+from .answers import HUMAN_ANSWERS
 from .errors import DataError, InputError
 from .shapes_questions import ATTRIBUTES, RELATIONS, QuestionGenerator
 
 GENERATOR_VERSION = 1  # part of the cache key: bump when a change alters the generated data
 SPLITS = ("train", "val", "test")
 CHUNK_SCENES = 100  # scenes per work unit; the answer balance restarts at each chunk
-HUMAN_ANSWERS = 10  # the one answer repeated, as the VQA metric expects 10 humans
 # CLEVR's own RGB values (clevr-dataset-gen, image_generation/data/properties.json).
 COLORS = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
           "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
@@ -56,6 +57,9 @@ PLACE_ATTEMPTS = 200  # positions tried per object before the scene's layout sta
 LAYOUT_RESTARTS = 2000  # layouts tried before the sizes are declared impossible
 ROW_FIELDS = ("shape", "color", "size", "material", "x", "y")
 assert set(COLORS) == set(ATTRIBUTES["color"])
+
+if TYPE_CHECKING:
+    from .data import VQASplit
 
 
 @dataclass(frozen=True)
@@ -294,18 +298,24 @@ def _make_chunk(job: tuple) -> list[tuple[dict, list[dict]]]:
     """One work unit of `write_split`: a chunk of scenes, their questions, their PNG files."""
     image_dir, split, seed, config, start, stop = job
     chunk = generate_scenes(split, seed, start, stop, config)
-    for scene, _ in chunk:
+    for scene, questions in chunk:
         # compress_level 1: a third of the time of the default 6, files 5% larger (the noise does not compress).
         render_scene(scene, config).save(Path(image_dir) / scene["image_filename"], compress_level=1)
+        for q in questions:
+            del q["program"]  # not written; only costs pickling back to the parent
     return chunk
+
+
+@functools.lru_cache(maxsize=None)
+def _human_answers(answer: str) -> list[dict]:
+    # One list per answer, shared by its annotations: 1M small dicts for 10k scenes otherwise.
+    return [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i in range(HUMAN_ANSWERS)]
 
 
 def _annotation(question_id: int, image_id: int, q: dict) -> dict:
     return {"question_id": question_id, "image_id": image_id, "question_type": q["family"],
             "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
-            "answers": [{"answer": q["answer"], "answer_confidence": "yes", "answer_id": i + 1}
-                        for i in range(HUMAN_ANSWERS)],
-            "relation": q["relation"], "template": q["template"]}
+            "answers": _human_answers(q["answer"]), "relation": q["relation"], "template": q["template"]}
 
 
 def write_split(out_dir: str | Path, split: str, num_scenes: int, seed: int = 0, questions_per_scene: int = 10,
@@ -359,7 +369,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get("VQA_CACHE_DIR", "~/.cache/vqa-demo")).expanduser() / "shapes-world"
 
 
-def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> VQASplit:
+def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> "VQASplit":
     """A split of the built-in shapes world, generated on first use and cached.
 
     params: any WorldConfig field (sizes of the world and of the splits). The cache folder
@@ -393,5 +403,9 @@ def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress:
                 raise
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
+    # Here, not at the top: vqa.data imports torch and torchvision (4 s, 800 MB), which
+    # generating a world, in this process or in its workers, does not need.
+    from .data import load_vqa_split
+
     files = split_files(folder, split)
     return load_vqa_split(files["questions"], files["annotations"], files["images"], name=f"shapes-world-{split}")
