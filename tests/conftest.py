@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import ROOT, SHIPPED_CHECKPOINT, free_port, http_get, make_vqa_v2_files, tiny_config
+from fixtures import ROOT, SHIPPED_CHECKPOINT, free_port, http_get, make_vqa_v2_files, save_tiny_checkpoint
 from fixtures import *  # noqa: F401,F403  -- re-exported for test files that still import helpers from conftest
-from vqa.checkpoint import save_checkpoint
-from vqa.model import VQAModel
 from vqa.text import QuestionTokenizer
-
-TINY_CARD = "---\ndataset: \"easy-vqa\"\ntest_accuracy: 12.5\n---\n\n# tiny test model\n"
 
 
 @pytest.fixture(scope="session")
@@ -34,26 +30,18 @@ def easy_vqa_tokenizer() -> QuestionTokenizer:
     return QuestionTokenizer.train(easy_vqa.get_train_questions()[0], vocab_size=400)
 
 
-def _save_tiny(folder: Path, answers, tokenizer, seed: int = 0, **overrides) -> Path:
-    import torch
-
-    torch.manual_seed(seed)
-    model = VQAModel(tiny_config(answers, len(tokenizer), **overrides))
-    return save_checkpoint(model.eval(), tokenizer, folder, TINY_CARD)
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, easy_vqa_answers, easy_vqa_tokenizer) -> Path:
     """An untrained tiny pooled model (the paper's, attention_glimpses=0) over the easy-VQA answers,
     saved as a real checkpoint. Treat it as read-only: copy it to change it."""
-    return _save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", easy_vqa_answers, easy_vqa_tokenizer)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", easy_vqa_answers, easy_vqa_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def attention_checkpoint(tmp_path_factory, easy_vqa_answers, easy_vqa_tokenizer) -> Path:
     """As tiny_checkpoint, with 2 glimpses of attention over test_resnet's 8 x 8 map (output_stride 8)."""
-    return _save_tiny(tmp_path_factory.mktemp("ckpt") / "attention", easy_vqa_answers, easy_vqa_tokenizer,
-                      attention_glimpses=2, output_stride=8)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "attention", easy_vqa_answers,
+                                easy_vqa_tokenizer, attention_glimpses=2, output_stride=8)
 
 
 @pytest.fixture

@@ -19,13 +19,17 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageDraw
 
+from vqa.checkpoint import save_checkpoint
 from vqa.config import VQAConfig
+from vqa.model import VQAModel
 
-__all__ = ["ROOT", "SHIPPED_CHECKPOINT", "COLORS", "SHAPES", "QUESTION", "tiny_config", "draw_shape",
-           "make_vqa_v2_files", "png_bytes", "jpeg_bytes", "png_claiming_size", "jpeg_claiming_size",
-           "exif_jpeg", "free_port", "http_get", "wait_until", "call_within", "ForwardCounter"]
+__all__ = ["ROOT", "SHIPPED_CHECKPOINT", "COLORS", "SHAPES", "QUESTION", "TINY_CARD", "tiny_config",
+           "save_tiny_checkpoint", "draw_shape", "make_vqa_v2_files", "png_bytes", "jpeg_bytes",
+           "png_claiming_size", "jpeg_claiming_size", "exif_jpeg", "free_port", "http_get", "wait_until",
+           "call_within", "ForwardCounter"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CHECKPOINT = ROOT / "checkpoints" / "easy-vqa"
@@ -36,11 +40,21 @@ QUESTION = "what color is the shape?"
 
 def tiny_config(answers, vocab_size, **overrides) -> VQAConfig:
     """A VQAConfig small enough for CPU tests: timm's test_resnet at 64 px, 16 to 32 units per layer."""
-    sizes = dict(backbone="test_resnet", image_size=64, crop_pct=1.0, embed_dim=16, lstm_hidden=24, lstm_layers=2,
+    sizes = dict(backbone="test_resnet", image_size=64, embed_dim=16, lstm_hidden=24, lstm_layers=2,
                  common_dim=32, classifier_hidden=32, dropout=0.1)
     sizes.update(overrides)
     return VQAConfig(vocab_size=vocab_size, id2label=dict(enumerate(answers)),
                      label2id={a: i for i, a in enumerate(answers)}, **sizes)
+
+
+TINY_CARD = "---\ndataset: \"easy-vqa\"\ntest_accuracy: 12.5\n---\n\n# tiny test model\n"
+
+
+def save_tiny_checkpoint(folder: Path, answers, tokenizer, seed: int = 0, card: str = TINY_CARD, **overrides) -> Path:
+    """An untrained tiny_config model (weights drawn from `seed`) saved as a real checkpoint folder."""
+    torch.manual_seed(seed)
+    model = VQAModel(tiny_config(answers, len(tokenizer), **overrides))
+    return save_checkpoint(model.eval(), tokenizer, folder, card)
 
 
 def draw_shape(color: str, shape: str, size: int = 64, seed: int = 0) -> Image.Image:

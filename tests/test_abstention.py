@@ -10,7 +10,7 @@ from PIL import Image
 from vqa.abstention import (abstain_all_threshold, aurc, best_effective_reliability, choose_threshold,
                             coverage_at_risk, effective_reliability, plot_risk_coverage, risk_coverage_curve,
                             summary)
-from conftest import ROOT
+from fixtures import ROOT
 
 # Five questions; two tie at 0.8 (one right, one wrong), one is partly right (0.6).
 CONF = [0.3, 0.8, 0.9, 0.5, 0.8]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from conftest import SHIPPED_CHECKPOINT
+from fixtures import SHIPPED_CHECKPOINT, save_tiny_checkpoint, tiny_config
 from vqa.checkpoint import CARD_METADATA, load_checkpoint, read_card, render_card, save_checkpoint
 from vqa.errors import CheckpointError
 from vqa.model import VQAModel
@@ -52,13 +52,16 @@ def test_the_marker_pickle_really_would_run(tmp_path):
     assert marker.exists()
 
 
-def test_round_trip_gives_the_same_model(tiny_checkpoint):
-    model, tokenizer = load_checkpoint(tiny_checkpoint)
-    again, _ = load_checkpoint(tiny_checkpoint)
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert not model.training
-    assert len(tokenizer) == model.config.vocab_size
+def test_round_trip_gives_the_same_model(tmp_path, easy_vqa_answers, easy_vqa_tokenizer):
+    """A model saved and loaded is the model that was saved, weight for weight; another seed's is not."""
+    torch.manual_seed(3)
+    model = VQAModel(tiny_config(easy_vqa_answers, len(easy_vqa_tokenizer))).eval()
+    loaded, tokenizer = load_checkpoint(save_checkpoint(model, easy_vqa_tokenizer, tmp_path / "a"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert not loaded.training and tokenizer.model_proto == easy_vqa_tokenizer.model_proto
+    other, _ = load_checkpoint(save_tiny_checkpoint(tmp_path / "b", easy_vqa_answers, easy_vqa_tokenizer, seed=4))
+    assert not torch.equal(other.classifier[-1].weight, loaded.classifier[-1].weight)
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.model"])
@@ -178,13 +181,38 @@ def legacy_card_facts(text: str) -> dict:
     return facts
 
 
-@pytest.mark.skipif(not (SHIPPED_CHECKPOINT / "README.md").is_file(), reason="no shipped model card")
-def test_the_shipped_card_reads_the_same_values():
-    legacy = legacy_card_facts((SHIPPED_CHECKPOINT / "README.md").read_text(encoding="utf-8"))
-    assert len(legacy) >= 10 and legacy["init_from"] is None and legacy["epochs"] == 8.0
-    card = read_card(SHIPPED_CHECKPOINT)
+LEGACY_CARD = """---
+dataset: "easy-vqa"
+backbone: "resnet10t"
+answers: 13
+val_accuracy: 100.0
+test_accuracy: 99.96
+epochs: 8.0
+seed: 0
+init_from: null
+training_time_s: 361
+command: "python training/train.py --dataset easy-vqa --output-dir checkpoints/easy-vqa --save-half"
+---
+
+# VQA model: resnet10t + 2-layer LSTM
+"""
+
+
+def test_cards_of_the_earlier_format_read_the_same_values(tmp_path):
+    """Cards written before the YAML metadata (one JSON value per line) still read alike."""
+    (tmp_path / "README.md").write_text(LEGACY_CARD, encoding="utf-8")
+    legacy = legacy_card_facts(LEGACY_CARD)
+    assert len(legacy) == 10 and legacy["init_from"] is None and legacy["epochs"] == 8.0
+    card = read_card(tmp_path)
     assert card == legacy
     assert [type(v) for v in card.values()] == [type(v) for v in legacy.values()]
+
+
+@pytest.mark.skipif(not (SHIPPED_CHECKPOINT / "README.md").is_file(), reason="no shipped model card")
+def test_the_shipped_card_keeps_its_facts():
+    card = read_card(SHIPPED_CHECKPOINT)
+    assert card["test_accuracy"] == 99.96 and card["epochs"] == 8.0 and card["dataset"] == "easy-vqa"
+    assert card["pipeline_tag"] == "visual-question-answering"
 
 
 def test_cards_without_metadata(tmp_path):

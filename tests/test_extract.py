@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, draw_shape, make_vqa_v2_files, tiny_config
+from fixtures import ROOT, draw_shape, make_vqa_v2_files, tiny_config
 
 from vqa import feature_cache as feature_cache_module
 from vqa.checkpoint import read_card

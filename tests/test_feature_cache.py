@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from fixtures import tiny_config
 
 from vqa import feature_cache as feature_cache_module
 from vqa.errors import DataError

@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import ExifTags, Image
 from timm.data import create_transform
 
-from conftest import ROOT
+from fixtures import ROOT
 from vqa.errors import InputError
 from vqa.images import MAX_ASPECT_RATIO, MAX_PIXELS, ModelTransform, content_box, open_image
 

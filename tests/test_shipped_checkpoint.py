@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import SHIPPED_CHECKPOINT
+from fixtures import SHIPPED_CHECKPOINT
 from vqa.checkpoint import load_checkpoint, read_card
 from vqa.data import load_easy_vqa
 from vqa.evaluation import predict_split

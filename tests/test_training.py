@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_vqa_v2_files
+from fixtures import ROOT, make_vqa_v2_files
 from vqa.checkpoint import load_checkpoint, read_card
 from vqa.training import last_complete_checkpoint
 

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # stderr is for our own messages
     try:
         metrics, _ = run_evaluation(
             args.out, checkpoint=args.checkpoint, results_file=args.results, dataset=args.dataset,

@@ -11,7 +11,7 @@ each weighted by a Hann window centred on the patch. Covering background with it
 colour changes nothing; covering the object the answer depends on does.
 
 Why not Grad-CAM: the shipped easy-VQA model sees 64x64 images through ResNet10-T, whose last
-feature map is 2x2. Measured with it on synthetic one-shape images (tests/conftest.py
+feature map is 2x2. Measured with it on synthetic one-shape images (tests/fixtures.py
 draw_shape; 8 images x 2 questions), mean heat inside the shape's box over mean heat outside
 it, median (lowest): Grad-CAM on the last stage 1.7 (0.5), on the 32x32 to 4x4 stages 0.9 to
 2.9 (0.0 to 0.7), on a 4x upscaled input 6.2 (1.0), SmoothGrad 0.9 (0.6), gradient x input
@@ -75,16 +75,21 @@ def occlusion_map(model, pixels: torch.Tensor, input_ids: list[int], target: int
         others = torch.cat([log_p[:, :answer], log_p[:, answer + 1:]], dim=1)
         return log_p[:, answer] - others.logsumexp(dim=1)
 
-    with torch.inference_mode():
-        base = log_probabilities(pixels[None])
-        target = int(base[0].argmax()) if target is None else target
-        drops = []
-        for start in range(0, len(positions), CHUNK):
-            chunk = positions[start:start + CHUNK]
-            occluded = pixels.repeat(len(chunk), 1, 1, 1)  # (n, 3, S, S)
-            for row, (top, left) in enumerate(chunk):
-                occluded[row, :, top:top + patch_h, left:left + patch_w] = fill
-            drops.append((log_odds(base, target) - log_odds(log_probabilities(occluded), target)).abs())
+    was_training = model.training
+    model.eval()  # BatchNorm and dropout as at prediction, whatever mode the caller left
+    try:
+        with torch.inference_mode():
+            base = log_probabilities(pixels[None])
+            target = int(base[0].argmax()) if target is None else target
+            drops = []
+            for start in range(0, len(positions), CHUNK):
+                chunk = positions[start:start + CHUNK]
+                occluded = pixels.repeat(len(chunk), 1, 1, 1)  # (n, 3, S, S)
+                for row, (top, left) in enumerate(chunk):
+                    occluded[row, :, top:top + patch_h, left:left + patch_w] = fill
+                drops.append((log_odds(base, target) - log_odds(log_probabilities(occluded), target)).abs())
+    finally:
+        model.train(was_training)
     drops = torch.cat(drops).numpy()
     drops[drops < MIN_CHANGE] = 0.0
 
