@@ -30,9 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from vqa.predict import Predictor  # noqa: E402
+from vqa.predict import Predictor
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "easy-vqa"
 

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench_train_scale import flops_per_sample  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from bench_train_scale import flops_per_sample  # benchmarks/, the script's folder, is on sys.path
 from vqa.config import VQAConfig
 from vqa.model import VQAModel
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from fixtures import ROOT, make_vqa_v2_files, tiny_config
 from vqa.checkpoint import load_checkpoint, save_checkpoint
 from vqa.data import ImageSource, QuestionDataset, VQACollator, load_vqa_split, screen_images
 from vqa.errors import DataError
+from vqa.abstention import aurc, coverage_at_risk
 from vqa.evaluation import Predictions, encode_questions, open_feature_cache, predict_split, run_evaluation
 from vqa.extraction import extract_features
 from vqa.metrics import evaluate_results
@@ -76,8 +78,17 @@ def test_way2_writes_official_results_metrics_and_report(files_run, tiny_checkpo
     results = check_results_file(out / "results.json", split, set(model.config.answers))
     assert len(results) == 16
     metrics = json.loads((out / "metrics.json").read_text())
+    abstention = metrics.pop("abstention")
     assert metrics == roundtrip(evaluate_results(results, split))
     assert set(metrics) == {"overall", "perAnswerType", "perQuestionType", "perQuestion"}
+    # Selective answering, from the model's confidences: re-measured here from the predictions.
+    model_predictions = predict_split(model, load_checkpoint(tiny_checkpoint)[1], split, progress=False)
+    confidence = np.array([model_predictions.confidence[r["question_id"]] for r in split.records])
+    accuracy = np.array([metrics["perQuestion"][str(r["question_id"])] / 100 for r in split.records])
+    assert abstention["coverage_at_risk"]["1%"]["coverage"] == pytest.approx(
+        100 * coverage_at_risk(confidence, accuracy, 0.01), abs=0.01)
+    assert set(abstention["effective_reliability"]) == {"c=1", "c=10"}
+    assert abstention["aurc"] == pytest.approx(100 * aurc(confidence, accuracy), abs=0.01)
     assert set(metrics["perAnswerType"]) == {"other", "yes/no"}
     assert len(metrics["perQuestion"]) == 16
     # The terminal summary ends with the overall and per-answer-type figures.
@@ -87,7 +98,8 @@ def test_way2_writes_official_results_metrics_and_report(files_run, tiny_checkpo
     report = (out / "report.md").read_text()
     for heading in ("## Accuracy per answer type", "## Question types", "## Most frequent wrong answers"):
         assert heading in report
-    assert "(accuracy_per_answer_type.png)" in report
+    assert "(accuracy_per_answer_type.png)" in report and "(risk_coverage.png)" in report
+    assert (out / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out / "accuracy_per_answer_type.png") as chart:
         chart.verify()
         assert chart.format == "PNG" and chart.size[0] > 100

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import ExifTags, Image
+from PIL import Image
 from timm.data import create_transform
 
-from fixtures import ROOT
+from fixtures import ROOT, exif_jpeg
 from vqa.errors import InputError
 from vqa.images import MAX_ASPECT_RATIO, MAX_PIXELS, ModelTransform, content_box, open_image
 
@@ -112,28 +112,6 @@ def test_importing_and_opening_leave_pil_and_warnings_as_they_were(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-
-
-def exif_jpeg(upright: np.ndarray, orientation: int) -> bytes:
-    """A JPEG storing `upright` as a camera would under EXIF `orientation`, with the tag set.
-
-    Stored layouts follow the EXIF 2.3 wording ("the 0th row is the visual ..., the 0th column
-    is the visual ..."), written with numpy, independently of PIL's own table.
-    """
-    a = upright
-    stored = {
-        1: a,  # row 0 = top, column 0 = left
-        2: a[:, ::-1],  # row 0 = top, column 0 = right
-        3: a[::-1, ::-1],  # row 0 = bottom, column 0 = right
-        4: a[::-1, :],  # row 0 = bottom, column 0 = left
-        5: a.transpose(1, 0, 2),  # row 0 = left, column 0 = top
-        6: np.rot90(a, 1),  # row 0 = right, column 0 = top
-        7: a[::-1, ::-1].transpose(1, 0, 2),  # row 0 = right, column 0 = bottom
-        8: np.rot90(a, -1),  # row 0 = left, column 0 = bottom
-    }[orientation]
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    return encode(Image.fromarray(np.ascontiguousarray(stored)), "JPEG", quality=95, subsampling=0, exif=exif)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -288,10 +288,17 @@ def test_rows_round_trip():
 
 def test_rows_accept_case_numeric_text_and_blank_rows():
     rows = [["Circle", " RED ", "small", "solid", "20", 30.0], [None, None, None, None, None, None],
-            ["", "", "", "", "", ""]]
+            ["", " ", "", "", "", float("nan")]]
     scene = scene_from_rows(rows)
     assert scene["objects"] == [{"shape": "circle", "color": "red", "size": "small", "material": "solid",
                                  "pixel_coords": [20, 30], "radius": 9}]
+    assert scene_from_rows(np.array(HAND_ROWS, dtype=object)) == hand_scene()
+
+
+def test_rows_from_a_dataframe():
+    pandas = pytest.importorskip("pandas")
+    table = pandas.DataFrame(HAND_ROWS, columns=["shape", "color", "size", "material", "x", "y"])
+    assert scene_from_rows(table) == hand_scene()
 
 
 @pytest.mark.parametrize("bad_row, message", [

@@ -13,7 +13,7 @@
         --image-size 224 --min-objects 5 --max-objects 10 --questions-per-scene 20 --seed 1
 
     # the picture of docs/shapes-world.md: one scene and five questions
-    python training/make_shapes_world.py --sample docs/shapes-world-sample.png --seed 3
+    python training/make_shapes_world.py --sample docs/shapes-world-sample.png --seed 7
 
 The files read with vqa.data.load_vqa_split(OUT/shapes_world_SPLIT_questions.json,
 OUT/shapes_world_SPLIT_annotations.json, OUT/SPLIT). The same --seed and sizes give the
@@ -28,11 +28,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vqa.errors import VQAError  # noqa: E402
-from vqa.shapes_questions import blind_baseline, suggest_questions  # noqa: E402
-from vqa.shapes_world import SPLITS, WorldConfig, random_scene, render_scene, split_files, write_split  # noqa: E402
+from vqa.errors import DataError, VQAError
+from vqa.shapes_questions import blind_baseline, suggest_questions
+from vqa.shapes_world import SPLITS, WorldConfig, random_scene, render_scene, split_files, write_split
 
 DEFAULTS = WorldConfig()
 
@@ -83,6 +81,8 @@ def sample_picture(seed: int, config: WorldConfig, questions: int = 5, zoom: int
 def print_baseline(out: Path, split: str) -> None:
     from vqa.data import load_vqa_split  # imports torch: only when asked for
 
+    if not split_files(out, "train")["questions"].is_file():
+        raise DataError(f"--blind-baseline learns from the train split in {out}: write it first (--split train)")
     read = {name: load_vqa_split(files["questions"], files["annotations"])
             for name, files in (("train", split_files(out, "train")), (split, split_files(out, split)))}
     result = blind_baseline(read["train"].records, read[split].records)

@@ -146,6 +146,9 @@ def load_vqa_split(
             record["answer_type"] = _require(a, "answer_type", str, annotations_file, where)
             record["question_type"] = _require(a, "question_type", str, annotations_file, where)
             record["multiple_choice_answer"] = a.get("multiple_choice_answer", Counter(texts).most_common(1)[0][0])
+            # Other plain fields a generator adds (the shapes world's "relation", "template") are kept.
+            record.update({k: v for k, v in a.items() if k not in record and k not in _ANNOTATION_FIELDS
+                           and isinstance(v, (str, bool, int))})
         _check_answer_counts(by_id.values(), annotations_file, allow_nonstandard_answers)
         missing = [qid for qid in by_id if qid not in annotated]
         if missing:
@@ -161,6 +164,9 @@ def load_vqa_split(
         image_paths = {i: index[i] for i in dict.fromkeys(r["image_id"] for r in records) if i in index}
     return VQASplit(name or data.get("data_subtype") or questions_file.stem, records, image_paths,
                     Path(image_dir) if image_dir is not None else None)
+
+
+_ANNOTATION_FIELDS = {"question_id", "image_id", "answers", "answer_type", "question_type", "multiple_choice_answer"}
 
 
 def _check_answer_counts(records, path: Path, allow: bool) -> None:

@@ -11,16 +11,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .abstention import plot_risk_coverage, risk_coverage_curve, summary
 from .checkpoint import load_checkpoint
 from .data import (ImageSource, QuestionDataset, VQASplit, unique_rows, load_builtin, load_vqa_split,
                    screen_images)
 from .errors import DataError
 from .feature_cache import FeatureCache, cache_meta, mismatch
 from .metrics import evaluate_results, load_results
-from .report import write_report
+from .report import RISK_COVERAGE_FILE, write_report
 from .text import pad_questions
 
 RESULTS_FILE = "results.json"
@@ -149,7 +151,7 @@ def _output_folder(out: str | Path) -> Path:
 
 
 def write_evaluation(out: str | Path, split: VQASplit, results: list[dict], skipped: list[dict] | None = None,
-                     source: dict | None = None) -> dict | None:
+                     source: dict | None = None, confidence: dict[int, float] | None = None) -> dict | None:
     """Write results.json, metrics.json (annotated splits), skipped_images.json (if any),
     report.md and its chart into `out`. Returns the metrics, or None without annotations.
 
@@ -170,9 +172,22 @@ def write_evaluation(out: str | Path, split: VQASplit, results: list[dict], skip
             scored = split.subset([i for i in split.image_ids if i not in bad], split.name)
         if scored.records:
             metrics = evaluate_results(results, scored)
+            if confidence:
+                metrics["abstention"] = abstention_figures(metrics, confidence, out / RISK_COVERAGE_FILE)
             (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     write_report(out, split, results, metrics, skipped, source or {})
     return metrics
+
+
+def abstention_figures(metrics: dict, confidence: dict[int, float], plot: Path) -> dict:
+    """Coverage at 1 % and 5 % risk, AURC and effective reliability (vqa/abstention.py), and the
+    risk-coverage curve drawn to `plot`."""
+    ids = list(metrics["perQuestion"])
+    scores = np.array([confidence[i] for i in ids])
+    accuracy = np.array([metrics["perQuestion"][i] / 100 for i in ids])
+    coverage, risk, _ = risk_coverage_curve(scores, accuracy)
+    plot_risk_coverage({"top answer's probability": (coverage, risk)}, plot)
+    return summary(scores, accuracy)
 
 
 def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset: str | None = None,
@@ -189,6 +204,7 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
     if annotations is not None:
         source["Annotations"] = str(annotations)
     skipped: list[dict] = []
+    confidence = None
     if checkpoint is not None:
         model, tokenizer = load_checkpoint(checkpoint)
         source["Checkpoint"] = str(checkpoint)
@@ -206,7 +222,8 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
             skipped = scored.skipped
         else:
             scored = data
-        results = predict_split(model, tokenizer, scored, batch_size, cache, progress).results
+        predictions = predict_split(model, tokenizer, scored, batch_size, cache, progress)
+        results, confidence = predictions.results, predictions.confidence
     else:
         results = load_results(results_file, (r["question_id"] for r in data.records))
         source["Results file"] = str(results_file)
@@ -214,5 +231,5 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
         lost = sum(len(s["question_ids"]) for s in skipped)
         log(f"warning: skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} "
             f"({lost} questions unanswered, not scored); listed in {Path(out) / SKIPPED_FILE}")
-    metrics = write_evaluation(out, data, results, skipped, source)
+    metrics = write_evaluation(out, data, results, skipped, source, confidence)
     return metrics, skipped

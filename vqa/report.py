@@ -68,6 +68,23 @@ def format_summary(metrics: dict, questions: int) -> str:
     return "\n".join(lines)
 
 
+RISK_COVERAGE_FILE = "risk_coverage.png"
+
+
+def _abstention_lines(figures: dict) -> list[str]:
+    """Selective answering: how many questions can be answered at a given risk of being wrong."""
+    lines = ["", "## Answering only when confident", "",
+             "Risk = 1 - VQA accuracy of the questions answered, when only answers at or above a confidence "
+             "threshold are given (Whitehead et al. 2022, *Reliable VQA*).", ""]
+    rows = [[f"coverage at {risk} risk", f"{v['coverage']:.2f} %", f"{v['threshold']:.4f}"]
+            for risk, v in figures["coverage_at_risk"].items()]
+    rows += [[f"effective reliability Phi ({c})", f"{v['phi']:.2f}", f"{v['threshold']:.4f}"]
+             for c, v in figures["effective_reliability"].items()]
+    rows.append(["area under the risk-coverage curve", f"{figures['aurc']:.2f}", "-"])
+    lines += _table(["figure", "value", "threshold"], rows)
+    return lines + ["", f"![risk-coverage curve]({RISK_COVERAGE_FILE})"]
+
+
 def write_report(out: str | Path, split: VQASplit, results: list[dict], metrics: dict | None,
                  skipped: list[dict], source: dict) -> Path:
     out = Path(out)
@@ -112,6 +129,8 @@ def write_report(out: str | Path, split: VQASplit, results: list[dict], metrics:
                   f"{wrong} questions scored 0; the most frequent (prediction, most common human answer) pairs:", ""]
         lines += _table(["prediction", "most common human answer", "times", "example question"],
                         [list(e) for e in errors])
+        if "abstention" in metrics:
+            lines += _abstention_lines(metrics["abstention"])
     if skipped:
         lines += ["", "## Skipped images", ""]
         lines += _table(["image id", "file", "questions", "error"],

@@ -296,7 +296,6 @@ TEMPLATES = (
              lambda s: (f"equal_{s['A']}", None, _query(s["A"], ("unique", None, _in_relation(s, u="U1"))),
                         _query(s["A"], unique(s["U2"])))),
 )
-TEMPLATES_BY_ID = {t.id: t for t in TEMPLATES}
 FAMILY_TEMPLATES = {family: tuple(t for t in TEMPLATES if t.family == family) for family in FAMILIES}
 
 

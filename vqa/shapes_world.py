@@ -14,7 +14,7 @@ Questions and their programs are `vqa.shapes_questions`. The files are the VQA v
 (`vqa.data.load_vqa_split` reads them) plus CLEVR-style scene graphs:
 
     OUT/shapes_world_{split}_questions.json, ..._annotations.json, ..._scenes.json
-    OUT/{split}/shapes_{split}_{image_id:06d}.png
+    OUT/{split}/shapes_{split}_{image_id:07d}.png
 
 Every pixel and question follows from (seed, split, sizes): each scene has its own RNG, and
 the answer balance restarts every `CHUNK_SCENES` scenes, so the number of worker processes
@@ -40,9 +40,18 @@ from tqdm.auto import tqdm
 
 from .answers import HUMAN_ANSWERS
 from .errors import DataError, InputError
-from .shapes_questions import ATTRIBUTES, RELATIONS, QuestionGenerator
+from .shapes_questions import (ATTRIBUTES, RELATIONS, QuestionGenerator, blind_baseline, suggest_questions,
+                               true_answer)
 
-GENERATOR_VERSION = 1  # part of the cache key: bump when a change alters the generated data
+# The whole API here, question functions included, so that callers need one import.
+__all__ = ["WorldConfig", "random_scene", "render_scene", "object_mask", "compute_relationships", "scene_to_rows",
+           "scene_from_rows", "suggest_questions", "true_answer", "blind_baseline", "generate_scenes", "write_split",
+           "split_files", "load_shapes_world", "cache_root", "COLORS", "SPLITS"]
+
+GENERATOR_VERSION = 2  # part of the cache key: bump when a change alters the generated data
+# Image ids are unique across the splits (train 0.., val 1,000,000.., test 2,000,000..), so that a
+# run may read several splits' images through one index, as training does with train and val.
+SPLIT_ID_BASE = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SPLITS = ("train", "val", "test")
 CHUNK_SCENES = 100  # scenes per work unit; the answer balance restarts at each chunk
 # CLEVR's own RGB values (clevr-dataset-gen, image_generation/data/properties.json).
@@ -73,11 +82,11 @@ class WorldConfig:
     small_radius: float = 0.07  # radius of a small object (9 px at 128)
     large_radius: float = 0.11  # a large one (14 px); at 15 px crowded 10-object layouts took up to 3 s to place
     relation_margin: float = 0.045  # least x and y distance of any two centres (6 px; CLEVR: 0.4 on a 6-unit floor)
-    questions_per_scene: int = 10
+    questions_per_scene: int = 10  # the five families in turn: 2 of each
     seed: int = 0  # base seed; each split derives its own from it and the split name
-    train_scenes: int = 6000
-    val_scenes: int = 600
-    test_scenes: int = 1000
+    train_scenes: int = 6000  # scenes (images) of load_shapes_world("train")
+    val_scenes: int = 600  # ... of "val"
+    test_scenes: int = 1000  # ... of "test"
 
     def __post_init__(self):
         if not 32 <= self.image_size <= 4096:
@@ -217,6 +226,12 @@ def scene_to_rows(scene: dict) -> list[list]:
     return [[o["shape"], o["color"], o["size"], o["material"], *o["pixel_coords"]] for o in scene["objects"]]
 
 
+def _blank(cell) -> bool:
+    if isinstance(cell, float):
+        return math.isnan(cell)  # pandas' empty cell
+    return cell is None or (isinstance(cell, str) and not cell.strip())
+
+
 def _whole_number(value, where: str) -> int:
     if isinstance(value, str):
         value = value.strip()
@@ -252,13 +267,18 @@ def _object_from_row(row, number: int, config: WorldConfig) -> dict:
 def scene_from_rows(rows, config: WorldConfig | None = None) -> dict:
     """A scene from a table of rows (shape, color, size, material, x, y), as `scene_to_rows` gives.
 
-    Text is case-insensitive; x, y are pixel centres (numbers or numeric text). Rows left
-    wholly empty are skipped. Raises InputError naming the row (1-based) and field at
-    fault, or the two rows whose objects overlap. Pairs closer than the relation margin
-    are allowed: relation questions about them have no answer (`true_answer` gives None).
+    rows: lists, or a pandas DataFrame or numpy array of them. Text is case-insensitive;
+    x, y are pixel centres (numbers or numeric text). Rows left wholly empty are skipped.
+    Raises InputError naming the row (1-based) and field at fault, or the two rows whose
+    objects overlap. Pairs closer than the relation margin are allowed: relation questions
+    about them have no answer (`true_answer` gives None).
     """
     config = config or WorldConfig()
-    rows = [row for row in rows if not (isinstance(row, (list, tuple)) and all(c in (None, "") for c in row))]
+    if hasattr(rows, "to_numpy"):  # a pandas DataFrame (what gr.Dataframe gives by default)
+        rows = rows.to_numpy()
+    if hasattr(rows, "tolist"):  # numpy: plain Python numbers
+        rows = rows.tolist()
+    rows = [row for row in rows if not (isinstance(row, (list, tuple)) and all(map(_blank, row)))]
     if not 1 <= len(rows) <= config.max_objects:
         raise InputError(f"a scene holds 1 to {config.max_objects} objects; these rows give {len(rows)}")
     objects = [_object_from_row(row, n, config) for n, row in enumerate(rows, start=1)]
@@ -283,7 +303,8 @@ def split_files(out_dir: str | Path, split: str) -> dict[str, Path]:
             "images": out_dir / split}
 
 
-def generate_scenes(split: str, seed: int, start: int, stop: int, config: WorldConfig) -> list[tuple[dict, list[dict]]]:
+def generate_scenes(split: str, seed: int, start: int, stop: int,
+                    config: WorldConfig) -> list[tuple[dict, list[dict]]]:
     """Scenes start..stop-1 of a split, each with its questions (see `QuestionGenerator.questions`).
 
     Call it on whole chunks (start a multiple of CHUNK_SCENES) to get what `write_split` writes.
@@ -292,7 +313,8 @@ def generate_scenes(split: str, seed: int, start: int, stop: int, config: WorldC
     out = []
     for index in range(start, stop):
         scene = random_scene(f"{seed}/{split}/{index}", config)
-        scene.update(image_index=index, image_filename=f"shapes_{split}_{index:06d}.png", split=split)
+        image_id = SPLIT_ID_BASE.get(split, 0) + index
+        scene.update(image_index=image_id, image_filename=f"shapes_{split}_{image_id:07d}.png", split=split)
         out.append((scene, questions.questions(scene, config.questions_per_scene)))
     return out
 

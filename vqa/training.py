@@ -320,6 +320,12 @@ def official_scores(model: VQAModel, tokenizer: QuestionTokenizer, split: VQASpl
     return evaluate_results(predictions.results, split)
 
 
+def subset_accuracy(scores: dict, split: VQASplit, keep) -> float:
+    """Mean official accuracy (%) over the questions of `split` for which keep(record) is true."""
+    values = [scores["perQuestion"][r["question_id"]] for r in split.records if keep(r)]
+    return round(sum(values) / len(values), 2) if values else float("nan")
+
+
 def train(options: TrainOptions, model_options: dict | None = None, argv: list[str] | None = None) -> dict:
     """Train (or fine-tune) and write the checkpoint to options.output_dir. Returns the facts in its card.
 
@@ -384,6 +390,13 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
         facts.update({"test_questions": len(test.records), "test_accuracy": scores["overall"],
                       "test_accuracy_per_answer_type": scores["perAnswerType"],
                       "test_accuracy_per_question_type": scores["perQuestionType"]})
+        from .shapes_questions import blind_baseline  # question-only: any split with question types
+
+        blind = blind_baseline(train_part.records, test.records)
+        facts["blind_test_accuracy"] = blind["overall"]
+        facts["blind_test_accuracy_per_question_type"] = blind["per_family"]
+        if any("relation" in r for r in test.records):  # spatial-relation questions, where pooling fails
+            facts["test_accuracy_relation_questions"] = subset_accuracy(scores, test, lambda r: r.get("relation"))
     facts.update({"epochs": options.epochs, "seed": options.seed, "init_from": options.init_from,
                   "training_time_s": round(clock.total()), "command": clock.command})
     if trainer.is_world_process_zero():
@@ -404,9 +417,12 @@ def save_run(model: VQAModel, tokenizer: QuestionTokenizer, options: TrainOption
     return out
 
 
-def _accuracy_table(title: str, scores: dict) -> list[str]:
-    rows = [f"| {name} | {value:.2f} |" for name, value in sorted(scores.items())]
-    return ["", f"| {title} | test VQA accuracy (%) |", "|---|---|", *rows]
+def _accuracy_table(title: str, scores: dict, blind: dict | None = None) -> list[str]:
+    if blind is None:
+        rows = [f"| {name} | {value:.2f} |" for name, value in sorted(scores.items())]
+        return ["", f"| {title} | test VQA accuracy (%) |", "|---|---|", *rows]
+    rows = [f"| {name} | {value:.2f} | {blind.get(name, float('nan')):.2f} |" for name, value in sorted(scores.items())]
+    return ["", f"| {title} | test VQA accuracy (%) | question-only baseline (%) |", "|---|---|---|", *rows]
 
 
 def model_card_body(facts: dict, config: VQAConfig) -> str:
@@ -425,6 +441,12 @@ def model_card_body(facts: dict, config: VQAConfig) -> str:
     lines.append(f"- Seed: {facts['seed']}, training time: {facts['training_time_s']} s")
     if "test_accuracy_per_answer_type" in facts:
         lines += _accuracy_table("answer type", facts["test_accuracy_per_answer_type"])
-        lines += _accuracy_table("question type", facts["test_accuracy_per_question_type"])
+        lines += _accuracy_table("question type", facts["test_accuracy_per_question_type"],
+                                 facts.get("blind_test_accuracy_per_question_type"))
+    if "blind_test_accuracy" in facts:
+        lines.append(f"\nQuestion-only baseline (most frequent training answer of the same question text): "
+                     f"{facts['blind_test_accuracy']} % overall.")
+    if "test_accuracy_relation_questions" in facts:
+        lines.append(f"Questions with a spatial relation: {facts['test_accuracy_relation_questions']} %.")
     lines += ["", "Reproduce with:", "", "```", facts["command"], "```", "", "![training curves](training_curves.png)"]
     return "\n".join(lines)
