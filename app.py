@@ -256,15 +256,19 @@ def model_markdown(facts: dict) -> str:
     return "\n".join(lines)
 
 
-def _model_choice(models: Models) -> gr.Dropdown:
-    return gr.Dropdown(list(models), value=next(iter(models)), label="Model", interactive=len(models) > 1)
+def _model_choice(models: Models, elem_id: str, dataset: str | None = None) -> gr.Dropdown:
+    """The model selector, on the first model trained on `dataset` if any, else the first one."""
+    names = list(models)
+    preferred = [n for n in names if models[n].predictor.describe()["dataset"] == dataset]
+    return gr.Dropdown(names, value=(preferred or names)[0], label="Model", interactive=len(names) > 1,
+                       elem_id=elem_id)
 
 
 def _ask_tab(models: Models, examples: list[list]):
     with gr.Tab("Ask"):
         with gr.Row():
             with gr.Column():
-                model = _model_choice(models)
+                model = _model_choice(models, "model")
                 image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
                                  height=300, elem_id="image")
                 question = gr.Textbox(label="Question", placeholder="how many circles are there?", lines=1,
@@ -301,7 +305,7 @@ def _many_tab(models: Models, examples: list[list]):
         gr.Markdown("One question per line; the CNN reads the image once for all of them.")
         with gr.Row():
             with gr.Column():
-                model = _model_choice(models)
+                model = _model_choice(models, "many-model")
                 image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image", height=300)
                 questions = gr.Textbox(label="Questions, one per line", lines=6,
                                        placeholder="how many circles are there?\nis there a red square?")
@@ -317,7 +321,7 @@ def _draw_tab(models: Models, palette: list[str]):
         gr.Markdown("Pick the brush (left of the canvas) and a colour, draw one or more filled shapes, then ask.")
         with gr.Row():
             with gr.Column():
-                model = _model_choice(models)
+                model = _model_choice(models, "draw-model")
                 sketch = gr.Sketchpad(type="pil", image_mode="RGB", canvas_size=(256, 256), label="Sketch",
                                       brush=gr.Brush(colors=palette, color_mode="fixed", default_size=12))
                 question = gr.Textbox(label="Question", placeholder="how many things are there?")
@@ -337,7 +341,7 @@ def _scene_tab(models: Models):
                     "image), then ask a suggested question or your own: the true answer is computed from the scene.")
         with gr.Row():
             with gr.Column():
-                model = _model_choice(models)
+                model = _model_choice(models, "scene-model", "shapes-world")
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="scene-seed")
                 generate = gr.Button("New random scene", elem_id="scene-new")
                 rows = gr.Dataframe(headers=["shape", "color", "size", "material", "x", "y"],

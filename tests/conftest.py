@@ -51,7 +51,7 @@ def vqa_v2_files(tmp_path) -> dict:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """app.py on the shipped checkpoint, in a subprocess on a free port (shared by the app and browser tests)."""
+    """app.py on the shipped checkpoints, in a subprocess on a free port (shared by the app and browser tests)."""
     if not (SHIPPED_CHECKPOINT / "model.safetensors").is_file():
         pytest.skip(f"the shipped checkpoint {SHIPPED_CHECKPOINT} is not there (train it with training/train.py)")
     port = free_port()
@@ -59,7 +59,11 @@ def server(tmp_path_factory):
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio-cache"))}
     log = tmp_path_factory.mktemp("app") / "app.log"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--checkpoint", str(SHIPPED_CHECKPOINT)],
+        # easy-VQA first (the default of the Ask tab, which the easy-VQA tests use), then the shapes-world models.
+        served = [SHIPPED_CHECKPOINT, *(p for p in sorted(SHIPPED_CHECKPOINT.parent.iterdir())
+                                        if p.name.startswith("shapes-world") and (p / "model.safetensors").is_file())]
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port),
+                                    *(arg for folder in served for arg in ("--checkpoint", str(folder)))],
                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180

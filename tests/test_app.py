@@ -281,3 +281,30 @@ def test_model_markdown_says_what_the_checkpoint_is(models, tiny_checkpoint):
     text = app.model_markdown(models[tiny_checkpoint.name].predictor.describe())
     assert "test_resnet CNN + 2-layer LSTM (24 units)" in text and "easy-vqa" in text
     assert "13" in text
+
+
+def test_attention_maps_over_the_api(server, client, tmp_path):
+    from vqa.shapes_world import random_scene, render_scene
+
+    scene = tmp_path / "scene.png"
+    render_scene(random_scene(5)).save(scene)
+    glimpses = client.predict("shapes-world-attention", handle_file(scene), "how many circles are there?",
+                              api_name="/attention")
+    assert len(glimpses) == 2
+    for item in glimpses:
+        with Image.open(item["image"]) as overlay:
+            assert overlay.size == (256, 256)  # a 128 px scene, shown at the overlay's minimum side
+    pooled = client.predict("shapes-world", handle_file(scene), "how many circles are there?", api_name="/attention")
+    assert pooled == []
+
+
+def test_compare_and_scene_endpoints(server, client):
+    rows, image, suggestions = client.predict(3, api_name="/new_scene")
+    table = rows["data"]
+    assert 3 <= len(table) <= 10 and all(len(row) == 6 for row in table)
+    question, truth = suggestions["data"][0]
+    label, verdict, _ = client.predict("shapes-world", rows, question, api_name="/ask_scene")
+    assert f"True answer: **{truth}**" in verdict
+    assert ("right" in verdict) == (label["label"] == truth)
+    compared = client.predict(handle_file(image), question, api_name="/compare")["data"]
+    assert [row[0] for row in compared] == ["easy-vqa", "shapes-world", "shapes-world-attention"]

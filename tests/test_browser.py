@@ -118,3 +118,38 @@ def test_a_noise_image_shows_the_out_of_distribution_notice(page, tmp_path):
     page.wait_for_function(
         "() => document.querySelector('#notice')?.innerText.includes('unlike anything this model was trained on')")
     assert "cups" in page.locator("#notice").inner_text()
+
+
+def choose_model(page, selector_id: str, name: str) -> None:
+    page.locator(f"#{selector_id} input").click()
+    page.locator("[role=option]").filter(has_text=name).first.click()
+    page.wait_for_function("([id, name]) => document.querySelector(`#${id} input`).value === name",
+                           arg=[selector_id, name])
+
+
+def test_build_a_scene_ask_and_read_the_model_and_the_true_answer(page):
+    page.get_by_role("tab", name="Build a scene").click()
+    page.locator("#scene-new").click()
+    page.wait_for_function("() => document.querySelectorAll('#scene-table tbody tr').length >= 3")
+    page.wait_for_selector("#scene-image img")
+    page.locator("#scene-suggestions tbody tr").first.locator("td").first.click()
+    page.wait_for_function("() => document.querySelector('#scene-question textarea').value.length > 5")
+    page.locator("#scene-ask").click()
+    page.wait_for_function("() => document.querySelector('#scene-truth')?.innerText.includes('True answer')")
+    truth = page.locator("#scene-truth").inner_text()
+    model_answer = page.locator("#scene-answers [data-testid=label-output-value]").inner_text().strip()
+    assert model_answer and ("right" in truth) != ("wrong" in truth)
+    page.get_by_role("tab", name="Ask").click()
+
+
+def test_an_attention_model_shows_where_each_glimpse_looked(page, tmp_path):
+    from vqa.shapes_world import random_scene, render_scene
+
+    scene = tmp_path / "scene.png"
+    render_scene(random_scene(3)).save(scene)
+    choose_model(page, "model", "shapes-world-attention")
+    page.locator("#image input[type=file]").set_input_files(str(scene))
+    page.wait_for_selector("#image img")
+    ask(page, "how many circles are there?")
+    page.wait_for_function("() => document.querySelectorAll('#attention img').length >= 2", timeout=60_000)
+    choose_model(page, "model", "easy-vqa")

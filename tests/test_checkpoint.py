@@ -123,14 +123,15 @@ def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path, tiny_checkpoint):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 
+def disk_full(*args, **kwargs):
+    raise OSError("disk full")
+
+
 def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     model, tokenizer = load_checkpoint(tiny_checkpoint)
     folder = save_checkpoint(model, tokenizer, tmp_path / "out", card="good")
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(VQAModel, "save_pretrained", crash)
+    monkeypatch.setattr(VQAModel, "save_pretrained", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, tokenizer, folder, card="never written")
     assert (folder / "README.md").read_text() == "good"
@@ -274,10 +275,7 @@ def test_a_save_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, ti
     folder.rename(tmp_path / ".out.old")
     (tmp_path / ".out.a1b2c3d4").mkdir()  # the new one, maybe half written
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(VQAModel, "save_pretrained", crash)
+    monkeypatch.setattr(VQAModel, "save_pretrained", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, tokenizer, folder, card="new")
     assert (folder / "README.md").read_text() == "old"

@@ -107,56 +107,10 @@ def load_vqa_split(
     """
     questions_file = Path(questions_file)
     data = read_json(questions_file, "questions")
-    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise DataError(f"{questions_file}: expected an object with a list field 'questions'")
-    records, seen = [], {}
-    for position, q in enumerate(data["questions"]):
-        where = f"questions[{position}]"
-        qid = _require(q, "question_id", int, questions_file, where)
-        image_id = _require(q, "image_id", int, questions_file, where)
-        text = _require(q, "question", str, questions_file, where)
-        if qid in seen:
-            raise DataError(f"{questions_file}: question_id {qid} appears twice ({where} and questions[{seen[qid]}])")
-        seen[qid] = position
-        records.append({"question_id": qid, "image_id": image_id, "question": text})
-    if not records:
-        raise DataError(f"{questions_file}: the split is empty (no questions)")
-
+    records = _read_questions(data, questions_file)
     if annotations_file is not None:
-        annotations_file = Path(annotations_file)
-        ann = read_json(annotations_file, "annotations")
-        if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
-            raise DataError(f"{annotations_file}: expected an object with a list field 'annotations'")
-        by_id = {r["question_id"]: r for r in records}
-        annotated = set()
-        for position, a in enumerate(ann["annotations"]):
-            where = f"annotations[{position}]"
-            qid = _require(a, "question_id", int, annotations_file, where)
-            if qid not in by_id:
-                raise DataError(f"{annotations_file}: {where} is for question_id {qid}, which is not in {questions_file}")
-            if qid in annotated:
-                raise DataError(f"{annotations_file}: question_id {qid} is annotated twice ({where})")
-            annotated.add(qid)
-            answers = _require(a, "answers", list, annotations_file, where)
-            if not answers:
-                raise DataError(f"{annotations_file}: {where} has an empty 'answers' list")
-            texts = [_require(x, "answer", str, annotations_file, f"{where}.answers[{i}]") for i, x in enumerate(answers)]
-            record = by_id[qid]
-            record["answers"] = texts
-            record["answer_type"] = _require(a, "answer_type", str, annotations_file, where)
-            record["question_type"] = _require(a, "question_type", str, annotations_file, where)
-            record["multiple_choice_answer"] = a.get("multiple_choice_answer", Counter(texts).most_common(1)[0][0])
-            # Other plain fields a generator adds (the shapes world's "relation", "template") are kept.
-            record.update({k: v for k, v in a.items() if k not in record and k not in _ANNOTATION_FIELDS
-                           and isinstance(v, (str, bool, int))})
-        _check_answer_counts(by_id.values(), annotations_file, allow_nonstandard_answers)
-        missing = [qid for qid in by_id if qid not in annotated]
-        if missing:
-            raise DataError(
-                f"{annotations_file}: {len(missing)} questions of {questions_file} have no annotation "
-                f"(first: question_id {missing[0]})"
-            )
-
+        _read_annotations(Path(annotations_file), {r["question_id"]: r for r in records}, questions_file,
+                          allow_nonstandard_answers)
     image_paths = {}
     if image_dir is not None:
         # Images missing from the folder get no path: screen_images applies the bad-image policy.
@@ -164,6 +118,57 @@ def load_vqa_split(
         image_paths = {i: index[i] for i in dict.fromkeys(r["image_id"] for r in records) if i in index}
     return VQASplit(name or data.get("data_subtype") or questions_file.stem, records, image_paths,
                     Path(image_dir) if image_dir is not None else None)
+
+
+def _read_questions(data, path: Path) -> list[dict]:
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise DataError(f"{path}: expected an object with a list field 'questions'")
+    records, seen = [], {}
+    for position, q in enumerate(data["questions"]):
+        where = f"questions[{position}]"
+        qid = _require(q, "question_id", int, path, where)
+        image_id = _require(q, "image_id", int, path, where)
+        text = _require(q, "question", str, path, where)
+        if qid in seen:
+            raise DataError(f"{path}: question_id {qid} appears twice ({where} and questions[{seen[qid]}])")
+        seen[qid] = position
+        records.append({"question_id": qid, "image_id": image_id, "question": text})
+    if not records:
+        raise DataError(f"{path}: the split is empty (no questions)")
+    return records
+
+
+def _read_annotations(path: Path, by_id: dict[int, dict], questions_file: Path, allow_nonstandard: bool) -> None:
+    """Add each annotation's answers and types to its question's record, in place."""
+    ann = read_json(path, "annotations")
+    if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
+        raise DataError(f"{path}: expected an object with a list field 'annotations'")
+    annotated = set()
+    for position, a in enumerate(ann["annotations"]):
+        where = f"annotations[{position}]"
+        qid = _require(a, "question_id", int, path, where)
+        if qid not in by_id:
+            raise DataError(f"{path}: {where} is for question_id {qid}, which is not in {questions_file}")
+        if qid in annotated:
+            raise DataError(f"{path}: question_id {qid} is annotated twice ({where})")
+        annotated.add(qid)
+        answers = _require(a, "answers", list, path, where)
+        if not answers:
+            raise DataError(f"{path}: {where} has an empty 'answers' list")
+        texts = [_require(x, "answer", str, path, f"{where}.answers[{i}]") for i, x in enumerate(answers)]
+        record = by_id[qid]
+        record["answers"] = texts
+        record["answer_type"] = _require(a, "answer_type", str, path, where)
+        record["question_type"] = _require(a, "question_type", str, path, where)
+        record["multiple_choice_answer"] = a.get("multiple_choice_answer", Counter(texts).most_common(1)[0][0])
+        # Other plain fields a generator adds (the shapes world's "relation", "template") are kept.
+        record.update({k: v for k, v in a.items() if k not in record and k not in _ANNOTATION_FIELDS
+                       and isinstance(v, (str, bool, int))})
+    _check_answer_counts(by_id.values(), path, allow_nonstandard)
+    missing = [qid for qid in by_id if qid not in annotated]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} questions of {questions_file} have no annotation "
+                        f"(first: question_id {missing[0]})")
 
 
 _ANNOTATION_FIELDS = {"question_id", "image_id", "answers", "answer_type", "question_type", "multiple_choice_answer"}

@@ -48,6 +48,7 @@ def occlusion_map(model, pixels: torch.Tensor, input_ids: list[int], target: int
     """(heat (S, S) in [0, 1] over the model's input, target answer index, its probability).
 
     `pixels` is one transformed image (3, S, S); `target` defaults to the top answer.
+    One function of ~60 lines: the patch grid, the fill and the accumulation share their sizes.
     """
     _, height, width = pixels.shape
     patch_h = max(1, round(height * patch_fraction))

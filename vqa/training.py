@@ -326,11 +326,38 @@ def subset_accuracy(scores: dict, split: VQASplit, keep) -> float:
     return round(sum(values) / len(values), 2) if values else float("nan")
 
 
+@dataclass
+class Run:
+    """Everything a training run builds before the Trainer starts."""
+
+    options: TrainOptions
+    work: Path  # OUTPUT_DIR.trainer: Trainer checkpoints, logs, run.json
+    train: VQASplit
+    val: VQASplit
+    test: VQASplit | None
+    skipped: list[dict]
+    resume: Path | None
+    clock: "RunClock"
+    model: VQAModel
+    tokenizer: QuestionTokenizer
+    sources: dict[str, ImageSource]
+
+
 def train(options: TrainOptions, model_options: dict | None = None, argv: list[str] | None = None) -> dict:
-    """Train (or fine-tune) and write the checkpoint to options.output_dir. Returns the facts in its card.
+    """Train (or fine-tune) and write the checkpoint to options.output_dir: build -> train ->
+    measure -> save. Returns the facts in its card.
 
     `model_options`: VQAConfig fields (sizes, backbone, attention), ignored when fine-tuning.
     """
+    run = build_run(options, model_options or {}, argv if argv is not None else sys.argv)
+    trainer = fit(run)
+    facts = measure(run, trainer)
+    if trainer.is_world_process_zero():
+        save_run(run, trainer, facts)
+    return facts
+
+
+def build_run(options: TrainOptions, model_options: dict, argv: list[str]) -> Run:
     out = Path(options.output_dir)
     work = out.with_name(out.name + ".trainer")
     torch.manual_seed(options.seed)
@@ -339,30 +366,38 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
     resume = last_complete_checkpoint(work) if options.resume else None
     if options.resume and resume is None:
         print(f"--resume: no complete checkpoint in {work}; starting from the beginning", file=sys.stderr)
-    clock = RunClock(work, run_command(argv if argv is not None else sys.argv), resume is not None)
-    model, tokenizer = build_model(options, model_options or {}, train_part, work, resume)
+    clock = RunClock(work, run_command(argv), resume is not None)
+    model, tokenizer = build_model(options, model_options, train_part, work, resume)
+    # One source serves training and validation batches: image ids are unique across the two.
     splits = {"train": train_part.subset(train_part.image_ids + val_part.image_ids, "train+val")}
     splits["train"].image_paths = {**train_part.image_paths, **val_part.image_paths}
     if test is not None:
         splits["test"] = test
-    sources = image_sources(model, options, splits)
+    return Run(options, work, train_part, val_part, test, skipped, resume, clock, model, tokenizer,
+               image_sources(model, options, splits))
+
+
+def fit(run: Run) -> Trainer:
+    """The Trainer's run, from the last complete checkpoint with --resume; the best epoch by
+    validation accuracy is loaded at the end."""
+    options, model = run.options, run.model
     answer_index, max_tokens = model.config.label2id, model.config.max_question_tokens
-    args = training_arguments(options, work)
+    args = training_arguments(options, run.work)
     batch = options.batch_size * args.world_size
-    if len(train_part.records) < batch:
-        raise DataError(f"{len(train_part.records)} training questions, fewer than one batch of {batch} "
+    if len(run.train.records) < batch:
+        raise DataError(f"{len(run.train.records)} training questions, fewer than one batch of {batch} "
                         "(--batch-size times processes): lower --batch-size or give more data")
     stop = StopOnSignal()
     trainer = VQATrainer(
         model=model, args=args,
-        train_dataset=QuestionDataset(train_part, tokenizer, answer_index, max_tokens),
-        eval_dataset=QuestionDataset(val_part, tokenizer, answer_index, max_tokens),
-        data_collator=VQACollator(sources["train"], len(answer_index)), compute_metrics=vqa_accuracy_metric,
-        callbacks=[stop, clock], optimizers=(optimizer_for(model, options), None),
+        train_dataset=QuestionDataset(run.train, run.tokenizer, answer_index, max_tokens),
+        eval_dataset=QuestionDataset(run.val, run.tokenizer, answer_index, max_tokens),
+        data_collator=VQACollator(run.sources["train"], len(answer_index)), compute_metrics=vqa_accuracy_metric,
+        callbacks=[stop, run.clock], optimizers=(optimizer_for(model, options), None),
     )
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     if stop.received is not None:
-        raise TrainingInterrupted(f"stopped by {stop.received}; the last checkpoint is in {work}: "
+        raise TrainingInterrupted(f"stopped by {stop.received}; the last checkpoint is in {run.work}: "
                                   "run the same command with --resume to continue")
     if options.save_half:
         # Measure what is stored: the card's accuracy is that of the float16 weights.
@@ -371,48 +406,54 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
                 if tensor.is_floating_point():
                     tensor.copy_(tensor.half().float())
     model.eval()
+    return trainer
+
+
+def measure(run: Run, trainer: Trainer) -> dict:
+    """The card's facts: validation accuracy, the reliability fits, and the test split scored
+    once (after every choice was made on validation), beside a question-only baseline."""
+    options, model = run.options, run.model
     facts = {
-        "dataset": options.dataset if options.dataset != "files" else train_part.name,
+        "dataset": options.dataset if options.dataset != "files" else run.train.name,
         "backbone": model.config.backbone, "attention_glimpses": model.config.attention_glimpses,
-        "answers": len(answer_index), "train_questions": len(trainer.train_dataset),
+        "answers": len(model.config.label2id), "train_questions": len(trainer.train_dataset),
         "val_questions": len(trainer.eval_dataset),
         "val_accuracy": round(trainer.evaluate()["eval_vqa_accuracy"], 2),
     }
-    if skipped:
-        facts["skipped_images"] = len(skipped)
-    reliability = work / "reliability"
+    if run.skipped:
+        facts["skipped_images"] = len(run.skipped)
+    reliability = run.work / "reliability"
     reliability.mkdir(exist_ok=True)
-    facts.update(fit_reliability(model, tokenizer, train_part, sources["train"], val_part, sources["train"],
-                                 reliability, options.seed))
+    facts.update(fit_reliability(model, run.tokenizer, run.train, run.sources["train"], run.val,
+                                 run.sources["train"], reliability, options.seed))
+    test = run.test
     if test is not None and test.has_answers:
-        # The test split is scored once, after every choice has been made on validation.
-        scores = official_scores(model, tokenizer, test, sources["test"])
+        scores = official_scores(model, run.tokenizer, test, run.sources["test"])
         facts.update({"test_questions": len(test.records), "test_accuracy": scores["overall"],
                       "test_accuracy_per_answer_type": scores["perAnswerType"],
                       "test_accuracy_per_question_type": scores["perQuestionType"]})
         from .shapes_questions import blind_baseline  # question-only: any split with question types
 
-        blind = blind_baseline(train_part.records, test.records)
+        blind = blind_baseline(run.train.records, test.records)
         facts["blind_test_accuracy"] = blind["overall"]
         facts["blind_test_accuracy_per_question_type"] = blind["per_family"]
         if any("relation" in r for r in test.records):  # spatial-relation questions, where pooling fails
             facts["test_accuracy_relation_questions"] = subset_accuracy(scores, test, lambda r: r.get("relation"))
     facts.update({"epochs": options.epochs, "seed": options.seed, "init_from": options.init_from,
-                  "training_time_s": round(clock.total()), "command": clock.command})
-    if trainer.is_world_process_zero():
-        save_run(model, tokenizer, options, facts, trainer, work, skipped)
+                  "training_time_s": round(run.clock.total()), "command": run.clock.command})
     return facts
 
 
-def save_run(model: VQAModel, tokenizer: QuestionTokenizer, options: TrainOptions, facts: dict, trainer: Trainer,
-             work: Path, skipped: list[dict]) -> Path:
+def save_run(run: Run, trainer: Trainer, facts: dict) -> Path:
+    work, model = run.work, run.model
     extra = {"training_curves.png": plot_curves(trainer.state.log_history, work / "training_curves.png")}
     extra.update({path.name: path for path in (work / "reliability").iterdir()})
-    if skipped:
-        (work / "skipped_images.json").write_text(json.dumps(skipped, indent=2))
+    if run.skipped:
+        (work / "skipped_images.json").write_text(json.dumps(run.skipped, indent=2))
         extra["skipped_images.json"] = work / "skipped_images.json"
-    out = save_checkpoint(model, tokenizer, options.output_dir, render_card(facts, model_card_body(facts, model.config)),
-                          extra_files=extra, half=options.save_half)
+    card = render_card(facts, model_card_body(facts, model.config))
+    out = save_checkpoint(model, run.tokenizer, run.options.output_dir, card, extra_files=extra,
+                          half=run.options.save_half)
     print(f"saved {out}: " + ", ".join(f"{k}={facts[k]}" for k in ("val_accuracy", "test_accuracy") if k in facts))
     return out
 
