@@ -335,7 +335,7 @@ def test_write_split_is_deterministic_and_seeded(tmp_path):
     a, b, c = (_file_bytes(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys()
-    assert a["val/shapes_val_000000.png"] != c["val/shapes_val_000000.png"]
+    assert a["val/shapes_val_1000000.png"] != c["val/shapes_val_1000000.png"]
     assert a["shapes_world_val_questions.json"] != c["shapes_world_val_questions.json"]
 
 
@@ -354,8 +354,9 @@ def test_written_split_reads_as_vqa_v2(tmp_path):
     paths = write_split(tmp_path, "test", 6, 3, questions_per_scene=10, progress=False, workers=1, **SMALL)
     split = load_vqa_split(paths["questions"], paths["annotations"], paths["images"])
     assert len(split.records) == 60 and split.has_answers
-    assert sorted(split.image_paths) == list(range(6))
-    assert split.image_paths[5].name == "shapes_test_000005.png"
+    # Image ids are unique across the splits: the test split's start at 2,000,000.
+    assert sorted(split.image_paths) == [2_000_000 + i for i in range(6)]
+    assert split.image_paths[2_000_005].name == "shapes_test_2000005.png"
     assert all(len(r["answers"]) == 10 and len(set(r["answers"])) == 1 for r in split.records)
     assert {r["question_type"] for r in split.records} == set(FAMILIES)
     types = {r["question_type"]: r["answer_type"] for r in split.records}
@@ -366,8 +367,9 @@ def test_written_split_reads_as_vqa_v2(tmp_path):
     assert any(a["relation"] for a in annotations)
     scenes = json.loads(paths["scenes"].read_text())["scenes"]
     by_question = {r["question_id"]: r for r in split.records}
+    scene_of = {scene["image_index"]: scene for scene in scenes}
     for a in annotations:  # the stored scene graph answers its questions
-        assert true_answer(scenes[a["image_id"]], by_question[a["question_id"]]["question"]) == a["multiple_choice_answer"]
+        assert true_answer(scene_of[a["image_id"]], by_question[a["question_id"]]["question"]) == a["multiple_choice_answer"]
 
 
 def test_load_shapes_world_generates_once_into_the_cache(tmp_path, monkeypatch):
