@@ -349,8 +349,8 @@ def _scene_tab(models: Models):
                                     interactive=True, label="Objects", elem_id="scene-table")
                 render = gr.Button("Render the table", elem_id="scene-render")
             with gr.Column():
-                picture = gr.Image(label="Scene", type="pil", interactive=False, height=256, elem_id="scene-image",
-                                   format="png")
+                picture = gr.Image(label="Scene", type="pil", interactive=False, height=300, width=300,
+                                   elem_id="scene-image", format="png")
                 suggestions = gr.Dataframe(headers=["question", "true answer"], label="Suggested questions",
                                            interactive=False, elem_id="scene-suggestions")
                 question = gr.Textbox(label="Question", placeholder="how many red things are there?",

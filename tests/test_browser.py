@@ -130,9 +130,10 @@ def choose_model(page, selector_id: str, name: str) -> None:
 def test_build_a_scene_ask_and_read_the_model_and_the_true_answer(page):
     page.get_by_role("tab", name="Build a scene").click()
     page.locator("#scene-new").click()
-    page.wait_for_function("() => document.querySelectorAll('#scene-table tbody tr').length >= 3")
+    # Gradio's tables draw their rows as [role=row] elements, the header first.
+    page.wait_for_function("() => document.querySelectorAll('#scene-table [role=row]').length >= 4")
     page.wait_for_selector("#scene-image img")
-    page.locator("#scene-suggestions tbody tr").first.locator("td").first.click()
+    page.locator("#scene-suggestions [role=row]").nth(1).locator("[role=gridcell]").first.click()
     page.wait_for_function("() => document.querySelector('#scene-question textarea').value.length > 5")
     page.locator("#scene-ask").click()
     page.wait_for_function("() => document.querySelector('#scene-truth')?.innerText.includes('True answer')")
@@ -147,6 +148,7 @@ def test_an_attention_model_shows_where_each_glimpse_looked(page, tmp_path):
 
     scene = tmp_path / "scene.png"
     render_scene(random_scene(3)).save(scene)
+    page.get_by_role("tab", name="Ask").click()
     choose_model(page, "model", "shapes-world-attention")
     page.locator("#image input[type=file]").set_input_files(str(scene))
     page.wait_for_selector("#image img")
