@@ -58,8 +58,8 @@ def measure(folder: Path, per_set: int, in_images: int) -> dict:
     sets = {name: make(per_set, side) for name, make in ALL_SETS.items() if name != "package_photos"}
     sets["package_photos"] = ALL_SETS["package_photos"](None, side)
     for other in BUILTIN_DATASETS:
-        if other != dataset:
-            sets[f"{other} test images"] = test_images(other, per_set)
+        if other != dataset:  # easy-VQA's images against the shapes-world models, and the reverse
+            sets["the other built-in dataset"] = test_images(other, per_set)
     for name, images in sets.items():
         outside = scores_of(predictor, images)
         rows["sets"][name] = {"images": len(outside), "auroc": round(auroc(inside, outside), 4),

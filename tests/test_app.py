@@ -308,3 +308,12 @@ def test_compare_and_scene_endpoints(server, client):
     assert ("right" in verdict) == (label["label"] == truth)
     compared = client.predict(handle_file(image), question, api_name="/compare")["data"]
     assert [row[0] for row in compared] == ["easy-vqa", "shapes-world", "shapes-world-attention"]
+
+
+def test_uploads_are_deleted_from_the_cache_after_an_hour(models):
+    import app
+
+    demo = app.build_demo(models)
+    assert demo.delete_cache == (600, app.UPLOAD_LIFETIME_S) and app.UPLOAD_LIFETIME_S == 3600
+    readme = (ROOT / "README.md").read_text()
+    assert "Uploads are kept in Gradio's cache for an hour, then deleted" in readme
