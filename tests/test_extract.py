@@ -364,8 +364,11 @@ def loss_curve(output_dir: Path) -> list[dict]:
     return [{k: h[k] for k in ("step", "loss", "eval_loss", "eval_vqa_accuracy") if k in h} for h in history]
 
 
-def test_torchrun_training_follows_the_single_process_loss_curve(tmp_path):
-    """Two processes with batch 2 each take the same steps as one process with batch 4.
+@pytest.mark.parametrize("model", [[], ["--attention-glimpses", "2", "--output-stride", "8"]],
+                         ids=["pooled", "attention"])
+def test_torchrun_training_follows_the_single_process_loss_curve(tmp_path, model):
+    """Two processes with batch 2 each take the same steps as one process with batch 4,
+    for the pooled model and for the attention model (its cache holds the CNN's maps).
 
     ImageGroupedSampler draws the same question order in every process (it depends only
     on seed and epoch) and accelerate hands consecutive batches of it to consecutive
@@ -384,7 +387,7 @@ def test_torchrun_training_follows_the_single_process_loss_curve(tmp_path):
     args = [TRAIN, "--dataset", "files", "--train-questions", data["questions"],
             "--train-annotations", data["annotations"], "--train-images", data["images"], *TINY_CNN,
             "--freeze-backbone", "--embed-dim", "8", "--lstm-hidden", "8", "--common-dim", "16",
-            "--classifier-hidden", "16", "--dropout", "0", "--epochs", "3", "--seed", "0"]
+            "--classifier-hidden", "16", "--dropout", "0", "--epochs", "3", "--seed", "0", *model]
     run([*args, "--batch-size", "4", "--output-dir", tmp_path / "one"])
     run([*args, "--batch-size", "2", "--output-dir", tmp_path / "two"], processes=2)
 
