@@ -11,7 +11,8 @@ import pytest
 import vqa.shapes_world as world
 from vqa.data import load_vqa_split
 from vqa.errors import InputError
-from vqa.shapes_questions import (ATTRIBUTES, FAMILIES, TEMPLATES, QuestionGenerator, blind_baseline, parse_question,
+from vqa.metrics import blind_baseline
+from vqa.shapes_questions import (ATTRIBUTES, FAMILIES, TEMPLATES, QuestionGenerator, parse_question,
                                   suggest_questions, true_answer)
 from vqa.shapes_world import (COLORS, WorldConfig, generate_scenes, load_shapes_world, object_mask, random_scene,
                               render_scene, scene_from_rows, scene_to_rows, split_files, write_split)

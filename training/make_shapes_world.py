@@ -29,7 +29,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from vqa.errors import DataError, VQAError
-from vqa.shapes_questions import blind_baseline, suggest_questions
+from vqa.metrics import blind_baseline
+from vqa.shapes_questions import suggest_questions
 from vqa.shapes_world import SPLITS, WorldConfig, random_scene, render_scene, split_files, write_split
 
 DEFAULTS = WorldConfig()

@@ -254,6 +254,7 @@ def builtin_examples(name: str, count: int) -> list[list[str]]:
     if name not in BUILTIN_DATASETS:
         return []
     split = load_builtin(name, "test")
+    types = {r.get("question_type") for r in split.records}
     examples, seen_images, seen_types = [], set(), set()
     for record in split.records:
         kind = record.get("question_type")
@@ -261,10 +262,10 @@ def builtin_examples(name: str, count: int) -> list[list[str]]:
             seen_images.add(record["image_id"])
             seen_types.add(kind)
             examples.append([str(split.image_paths[record["image_id"]]), record["question"]])
-        if len(examples) == count:
-            break
-        if len(seen_types) == len({r.get("question_type") for r in split.records[:2000]}):
-            seen_types.clear()  # every type shown once: go round again
+            if len(examples) == count:
+                break
+            if seen_types == types:
+                seen_types.clear()  # every type shown once: go round again
     return examples
 
 

@@ -35,6 +35,7 @@ DEFAULT_BATCH_SIZE = 256  # images per CNN pass (the questions on them go in one
 class Predictions:
     results: list[dict]  # [{"question_id", "answer"}] in the split's order: the official results format
     confidence: dict[int, float] = field(default_factory=dict)  # question_id -> top answer's probability
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)  # image_id -> pooled CNN features (keep_pooled)
 
 
 def load_split(dataset: str | None = None, split: str = "test", questions=None, annotations=None, images=None,
@@ -88,8 +89,12 @@ def _image_blocks(records: list[dict], size: int):
 
 @torch.inference_mode()
 def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_BATCH_SIZE,
-                  feature_cache: FeatureCache | None = None, progress: bool = True) -> Predictions:
+                  feature_cache: FeatureCache | None = None, progress: bool = True,
+                  keep_pooled: bool = False) -> Predictions:
     """Answer every question of `split` with the model's top answer (config.id2label).
+
+    keep_pooled: also keep each image's pooled CNN features (what the OOD detector measures),
+    from the same CNN pass, instead of running the CNN over the images a second time.
 
     Images are read as they are: run `screen_images` first to apply the bad-image policy.
     """
@@ -124,6 +129,8 @@ def predict_split(model, tokenizer, split: VQASplit, batch_size: int = DEFAULT_B
             features = block["image_features"].to(device)
         else:
             features = model.image_features(block["pixel_values"].to(device))  # one CNN pass per image
+        if keep_pooled:
+            predictions.pooled.update(zip(unique, model.pooled_features(features).float().cpu().numpy()))
         logits = model.answer_logits(features, questions[question_row[positions]], image_index.to(device))
         confidence, top = logits.float().softmax(-1).max(-1)
         for position, answer, p in zip(positions, top.tolist(), confidence.tolist()):

@@ -17,6 +17,7 @@ does around it:
   `official_round` does the same.
 """
 
+from collections import Counter, defaultdict
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -138,3 +139,28 @@ def evaluate_results(results: list[dict], split: VQASplit) -> dict:
         "perQuestionType": {t: _percent(a) for t, a in per_question_type.items()},
         "perQuestion": {qid: rounded[acc] for qid, acc in accuracies.items()},
     }
+
+
+def blind_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
+    """The question-only ("blind") baseline of any split with question types: accuracy (%) of answering from the question text alone: the most frequent training
+    answer for the exact same text, else the most frequent training answer of the family
+    (question_type). VQA accuracy of each guess against the record's answers.
+
+    Returns {"overall": %, "per_family": {family: %}, "texts_seen": % of test questions whose text is in train}.
+    """
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for record in train_records:
+        answer = record["multiple_choice_answer"]
+        by_text[record["question"]][answer] += 1
+        by_family[record["question_type"]][answer] += 1
+    scores: dict[str, list[float]] = defaultdict(list)
+    seen = 0
+    for record in test_records:
+        counts = by_text.get(record["question"]) or by_family.get(record["question_type"]) or Counter({"yes": 1})
+        seen += record["question"] in by_text
+        scores[record["question_type"]].append(vqa_accuracy(counts.most_common(1)[0][0], record["answers"]))
+    every = [s for family in scores.values() for s in family]
+    return {"overall": round(100 * sum(every) / len(every), 2),
+            "per_family": {f: round(100 * sum(s) / len(s), 2) for f, s in sorted(scores.items())},
+            "texts_seen": round(100 * seen / len(test_records), 2)}

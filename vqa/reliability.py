@@ -20,7 +20,7 @@ import torch
 
 from .abstention import choose_threshold, coverage_at_risk
 from .data import ImageSource, VQASplit
-from .evaluation import predict_split
+from .evaluation import Predictions, predict_split
 from .metrics import question_accuracies
 from .ood import FeatureDensity
 from .words import WordVocabulary
@@ -44,18 +44,17 @@ def pooled_features(model, source: ImageSource, image_ids: list[int]) -> np.ndar
     return np.concatenate(rows)
 
 
-def fit_density(model, train: VQASplit, train_source: ImageSource, val: VQASplit, val_source: ImageSource,
+def fit_density(model, train: VQASplit, train_source: ImageSource, heldout: np.ndarray,
                 seed: int = 0) -> FeatureDensity:
+    """Fitted on (up to MAX_FIT_IMAGES) training images, thresholded on `heldout` (N, F) features."""
     ids = train.image_ids
     if len(ids) > MAX_FIT_IMAGES:
         ids = random.Random(seed).sample(ids, MAX_FIT_IMAGES)
-    return FeatureDensity().fit(pooled_features(model, train_source, ids),
-                                pooled_features(model, val_source, val.image_ids), TARGET_RISK)
+    return FeatureDensity().fit(pooled_features(model, train_source, ids), heldout, TARGET_RISK)
 
 
-def fit_threshold(model, tokenizer, val: VQASplit, val_source: ImageSource) -> dict:
+def threshold_facts(val: VQASplit, predictions: Predictions) -> dict:
     """{answer_threshold, val coverage at 1 % risk} from the validation split's answers."""
-    predictions = predict_split(model, tokenizer, val, feature_cache=val_source.feature_cache, progress=False)
     accuracy = question_accuracies(predictions.results, val)
     ids = [r["question_id"] for r in val.records]
     confidence = np.array([predictions.confidence[i] for i in ids])
@@ -64,13 +63,23 @@ def fit_threshold(model, tokenizer, val: VQASplit, val_source: ImageSource) -> d
             "val_coverage_at_1pct_risk": round(100 * coverage_at_risk(confidence, correct, TARGET_RISK), 2)}
 
 
+def fit_threshold(model, tokenizer, val: VQASplit, val_source: ImageSource) -> dict:
+    """`threshold_facts` of the model's answers to the validation split."""
+    return threshold_facts(val, predict_split(model, tokenizer, val, feature_cache=val_source.feature_cache,
+                                              progress=False))
+
+
 def fit_reliability(model, tokenizer, train: VQASplit, train_source: ImageSource, val: VQASplit,
                     val_source: ImageSource, folder: str | Path, seed: int = 0) -> dict:
     """Fit all three, write the files into `folder` (a checkpoint, or where one is being built)
-    and return the card facts: the answer threshold and the OOD threshold."""
-    density = fit_density(model, train, train_source, val, val_source, seed)
+    and return the card facts: the answer threshold and the OOD threshold. The validation
+    images go through the CNN once, for both the answers and the density's threshold."""
+    predictions = predict_split(model, tokenizer, val, feature_cache=val_source.feature_cache, progress=False,
+                                keep_pooled=True)
+    heldout = np.stack([predictions.pooled[i] for i in val.image_ids])
+    density = fit_density(model, train, train_source, heldout, seed)
     density.save(folder)
     WordVocabulary.from_questions(r["question"] for r in train.records).save(folder)
-    facts = fit_threshold(model, tokenizer, val, val_source)
+    facts = threshold_facts(val, predictions)
     facts["ood_threshold"] = float(density.threshold)
     return facts

@@ -16,7 +16,7 @@ counts breaking ties: CLEVR's rejection sampling, keyed by plan. Every rule that
 plan treats all attribute values alike (copy a random object's values, pick values no
 object has, pick any object), so all texts of a plan are equally likely under each
 answer: P(answer | exact text) = P(answer | plan), which the counts keep flat. That is why
-a question-only model is near chance (`blind_baseline`). The most frequent answer of a
+a question-only model is near chance (`vqa.metrics.blind_baseline`). The most frequent answer of a
 family, worst of 12 seeds of 300 scenes: yes/no 50.8%, count 20.2% ("0"; 3-10 objects make
 large counts rarer), query_attribute 7.8% (16 values); tests hold them under 53/22/9%.
 
@@ -32,7 +32,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from .answers import vqa_accuracy
 
 # Attribute -> values. Descriptions name them in CLEVR's order: size, color, material, shape.
 ATTRIBUTES = {
@@ -584,28 +583,3 @@ class QuestionGenerator:
 def suggest_questions(scene: dict, n: int = 5, seed: int = 0) -> list[tuple[str, str]]:
     """n (question, answer) pairs about a scene, one family after another."""
     return [(q["question"], q["answer"]) for q in QuestionGenerator(seed).questions(scene, n)]
-
-
-def blind_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
-    """Accuracy (%) of answering from the question text alone: the most frequent training
-    answer for the exact same text, else the most frequent training answer of the family
-    (question_type). VQA accuracy of each guess against the record's answers.
-
-    Returns {"overall": %, "per_family": {family: %}, "texts_seen": % of test questions whose text is in train}.
-    """
-    by_text: dict[str, Counter] = defaultdict(Counter)
-    by_family: dict[str, Counter] = defaultdict(Counter)
-    for record in train_records:
-        answer = record["multiple_choice_answer"]
-        by_text[record["question"]][answer] += 1
-        by_family[record["question_type"]][answer] += 1
-    scores: dict[str, list[float]] = defaultdict(list)
-    seen = 0
-    for record in test_records:
-        counts = by_text.get(record["question"]) or by_family.get(record["question_type"]) or Counter({"yes": 1})
-        seen += record["question"] in by_text
-        scores[record["question_type"]].append(vqa_accuracy(counts.most_common(1)[0][0], record["answers"]))
-    every = [s for family in scores.values() for s in family]
-    return {"overall": round(100 * sum(every) / len(every), 2),
-            "per_family": {f: round(100 * sum(s) / len(s), 2) for f, s in sorted(scores.items())},
-            "texts_seen": round(100 * seen / len(test_records), 2)}

@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 
 from .answers import HUMAN_ANSWERS
 from .errors import DataError, InputError
-from .shapes_questions import (ATTRIBUTES, RELATIONS, QuestionGenerator, blind_baseline, suggest_questions,
+from .shapes_questions import (ATTRIBUTES, RELATIONS, QuestionGenerator, suggest_questions,
                                true_answer)
 
 # The whole API here, question functions included, so that callers need one import.
 __all__ = ["WorldConfig", "random_scene", "render_scene", "object_mask", "compute_relationships", "scene_to_rows",
-           "scene_from_rows", "suggest_questions", "true_answer", "blind_baseline", "generate_scenes", "write_split",
+           "scene_from_rows", "suggest_questions", "true_answer", "generate_scenes", "write_split",
            "split_files", "load_shapes_world", "cache_root", "COLORS", "SPLITS"]
 
 GENERATOR_VERSION = 2  # part of the cache key: bump when a change alters the generated data

@@ -29,7 +29,7 @@ from .data import (BUILTIN_DATASETS, ImageGroupedSampler, ImageSource, QuestionD
 from .errors import DataError
 from .evaluation import predict_split
 from .extraction import extract_features
-from .metrics import evaluate_results
+from .metrics import blind_baseline, evaluate_results
 from .model import VQAModel, architecture
 from .reliability import fit_reliability
 from .text import TOKENIZER_FILE, QuestionTokenizer
@@ -432,8 +432,6 @@ def measure(run: Run, trainer: Trainer) -> dict:
         facts.update({"test_questions": len(test.records), "test_accuracy": scores["overall"],
                       "test_accuracy_per_answer_type": scores["perAnswerType"],
                       "test_accuracy_per_question_type": scores["perQuestionType"]})
-        from .shapes_questions import blind_baseline  # question-only: any split with question types
-
         blind = blind_baseline(run.train.records, test.records)
         facts["blind_test_accuracy"] = blind["overall"]
         facts["blind_test_accuracy_per_question_type"] = blind["per_family"]
