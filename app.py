@@ -28,10 +28,10 @@ import gradio as gr
 
 from vqa.data import builtin_examples, builtin_palette
 from vqa.errors import CheckpointError, InputError
-from vqa.predict import DEFAULT_TOP_K, MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor
+from vqa.predict import DEFAULT_TOP_K, MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, percent
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-DEFAULT_MODEL = "shapes-world"  # listed first when shipped
+DEFAULT_MODEL = "shapes-world-attention"  # the best shipped model, listed first
 MAX_BATCH_SIZE = 16
 MAX_QUESTIONS = 50  # per request of the "many questions" tab
 EXAMPLE_COUNT = 8
@@ -78,8 +78,9 @@ def uploaded(value):
 def user_error(error: InputError, image=None) -> gr.Error:
     """gr.Error with the Predictor's message, naming an upload by its own name, not the server's copy.
 
-    Gradio's toast renders markup, so the user's file name is escaped: a name such as
-    '<a href=...>log in</a>.png' shows as text, never as a link or an image.
+    Gradio's toast renders markup, so for the page the user's file name is escaped: a name such
+    as '<a href=...>log in</a>.png' shows as text, never as a link or an image. API clients get
+    the message as it is (see `refusal`).
     """
     message = str(error)
     if isinstance(image, dict) and image.get("path"):
@@ -87,10 +88,20 @@ def user_error(error: InputError, image=None) -> gr.Error:
     return refusal(message)
 
 
+def from_api_client() -> bool:
+    """True inside a request of an API client: gradio_client and @gradio/client send the header
+    x-gradio-user: api, the page's own calls send "app" (Gradio 6). False outside any request."""
+    from gradio.context import LocalContext
+
+    headers = getattr(LocalContext.request.get(None), "headers", None) or {}
+    return headers.get("x-gradio-user") == "api"
+
+
 def refusal(message: str, title: str = "Cannot answer") -> gr.Error:
-    """The error a user sees (markup escaped), logged as one line instead of a traceback."""
+    """The error a user sees, logged as one line instead of a traceback. Markup is escaped for the
+    page's toast, not for API clients, which would otherwise read '&lt;' for '<'."""
     log.info("refused: %s", message)
-    return gr.Error(html.escape(message), title=title, print_exception=False)
+    return gr.Error(message if from_api_client() else html.escape(message), title=title, print_exception=False)
 
 
 def served(models: Models, name: str) -> Served:
@@ -154,16 +165,17 @@ def compare(models: Models, image, question) -> list[list]:
 
 
 def predict_many(models: Models, name: str, image, text) -> list[list]:
+    """[question, top answer, confidence in %, notes] per line of `text`; the notes are the Ask tab's notices."""
     questions = [line.strip() for line in (text or "").splitlines() if line.strip()]
     try:
         if not questions:
             raise InputError("no questions: type one question per line")
         if len(questions) > MAX_QUESTIONS:
             raise InputError(f"{len(questions)} questions, over the limit of {MAX_QUESTIONS} per request")
-        results = served(models, name).predictor.answer_many(uploaded(image), questions, top_k=1)
+        results = served(models, name).predictor.assess_many(uploaded(image), questions, top_k=1)
     except InputError as error:
         raise user_error(error, image) from None
-    return [[q, *next(iter(r.items()))] for q, r in zip(questions, results)]
+    return [[q, next(iter(a.answers)), percent(a.confidence), "; ".join(a.notes())] for q, a in zip(questions, results)]
 
 
 def blank(image) -> bool:
@@ -218,15 +230,19 @@ def render_rows(rows):
 def ask_scene(models: Models, name: str, rows, question):
     """(model's top answers, the true answer computed from the scene, notice) for a built scene."""
     from vqa import shapes_world
+    from vqa.shapes_questions import AMBIGUOUS, answer_or_reason
 
     scene = _scene(rows)
     try:
         answer = served(models, name).batcher.answer(shapes_world.render_scene(scene), question, DEFAULT_TOP_K)
     except InputError as error:
         raise user_error(error) from None
-    truth = shapes_world.true_answer(scene, question)
+    truth, reason = answer_or_reason(scene, question)
     top = next(iter(answer.answers))
-    if truth is None:
+    if reason == AMBIGUOUS:
+        verdict = ("True answer: unknown: the question names an object that is not unique in this scene "
+                   "(or a relation the margin leaves open).")
+    elif truth is None:
         verdict = "True answer: unknown (the question matches none of the world's templates; try a suggested one)."
     else:
         verdict = f"True answer: **{html.escape(truth)}**. The model is **{'right' if top == truth else 'wrong'}**."
@@ -310,8 +326,8 @@ def _many_tab(models: Models, examples: list[list]):
                 questions = gr.Textbox(label="Questions, one per line", lines=6,
                                        placeholder="how many circles are there?\nis there a red square?")
                 ask = gr.Button("Ask all", variant="primary")
-            table = gr.Dataframe(headers=["question", "answer", "confidence"], datatype=["str", "str", "number"],
-                                 label="Answers", interactive=False)
+            table = gr.Dataframe(headers=["question", "answer", "confidence", "notes"],
+                                 datatype=["str", "str", "str", "str"], label="Answers", interactive=False, wrap=True)
     gr.on([ask.click, questions.submit], partial(predict_many, models), [model, image, questions], table,
           api_name="predict_many", preprocess=False, concurrency_limit=2)
 
@@ -351,8 +367,10 @@ def _scene_tab(models: Models):
             with gr.Column():
                 picture = gr.Image(label="Scene", type="pil", interactive=False, height=300, width=300,
                                    elem_id="scene-image", format="png")
+                # Wrapped text in fixed columns: the "true answer" column stays in view, no sideways scrolling.
                 suggestions = gr.Dataframe(headers=["question", "true answer"], label="Suggested questions",
-                                           interactive=False, elem_id="scene-suggestions")
+                                           interactive=False, elem_id="scene-suggestions", wrap=True,
+                                           column_widths=["78%", "22%"])
                 question = gr.Textbox(label="Question", placeholder="how many red things are there?",
                                       elem_id="scene-question")
                 ask = gr.Button("Ask", variant="primary", elem_id="scene-ask")

@@ -1,5 +1,6 @@
 """The Gradio app, served for real in a subprocess and driven through gradio_client and HTTP."""
 
+import html
 import re
 import threading
 
@@ -84,7 +85,7 @@ def test_many_questions_give_one_row_each(client):
     table = ask(client, easy_vqa.get_test_image_paths()[0], text, "/predict_many")
     rows = table["data"]
     assert [row[0] for row in rows] == [q for q, _ in asked]
-    assert all(row[1] in ANSWERS and 0 < row[2] <= 1 for row in rows)
+    assert all(row[1] in ANSWERS and re.fullmatch(r"\d{1,3}\.\d\d %", row[2]) for row in rows)
     correct = sum(row[1] == answer for row, (_, answer) in zip(rows, asked))
     assert correct >= len(asked) - 2, f"{correct} of {len(asked)} right"
 
@@ -95,6 +96,8 @@ def test_many_questions_give_one_row_each(client):
     ("red", "   ", "question is empty"),
     ("red", "x" * 301, "301 characters long, over the limit of 300"),
     ("red", "what\x00color", "NUL byte"),
+    ("red", "😀😀😀😀", "the question has no words (only symbols or emoji): ask in words"),
+    ("red", "\u200b\u200b", "question is empty"),
     ("corrupt", QUESTION, "corrupt.png is not a readable image"),
     ("empty", QUESTION, "empty.png is empty (0 bytes)"),
     ("huge", QUESTION, "huge.png is over the limit of 40000000 pixels"),
@@ -254,6 +257,43 @@ def test_user_errors_escape_markup_of_the_file_name():
     assert "/tmp/gradio" not in text
 
 
+def test_markup_is_escaped_for_the_page_not_for_api_clients(monkeypatch):
+    import app
+    from gradio.context import LocalContext
+    from vqa.errors import InputError
+
+    class Request:  # what Gradio hands a handler: the headers of the queue/join request
+        def __init__(self, user):
+            self.headers = {"x-gradio-user": user}
+
+    message = "row 1: shape '<b>x</b>' is not one of circle"
+    escaped = "row 1: shape &#x27;&lt;b&gt;x&lt;/b&gt;&#x27; is not one of circle"
+    for request, shown in ((None, escaped), (Request("app"), escaped), (Request("api"), message)):
+        token = LocalContext.request.set(request)
+        try:
+            assert app.user_error(InputError(message)).message == shown
+        finally:
+            LocalContext.request.reset(token)
+
+
+def test_scene_verdict_tells_an_ambiguous_question_from_an_unknown_one(models, tiny_checkpoint):
+    import app
+
+    rows = [["circle", "red", "small", "solid", 20, 20], ["circle", "grey", "small", "solid", 60, 30],
+            ["square", "blue", "large", "solid", 30, 90]]
+    name = tiny_checkpoint.name
+    _, verdict, _ = app.ask_scene(models, name, rows, "What color is the circle?")  # two circles
+    assert verdict == ("True answer: unknown: the question names an object that is not unique in this scene "
+                       "(or a relation the margin leaves open).")
+    _, verdict, _ = app.ask_scene(models, name, rows, "What is the meaning of life?")
+    assert "matches none of the world's templates" in verdict
+    _, verdict, _ = app.ask_scene(models, name, rows, "How many grey circles are there?")
+    assert verdict.startswith("True answer: **1**.")
+    for x, message in (("inf", "row 2: x is 'inf', not a finite number"), ("nan", "row 2: x is 'nan', not a finite")):
+        with pytest.raises(gr_error(), match=re.escape(html.escape(message))):  # no request: for the page
+            app.render_rows([rows[0], ["circle", "red", "small", "solid", x, 64]])
+
+
 def test_notice_names_each_reason_not_to_trust_an_answer():
     import app
     from vqa.predict import Answer
@@ -265,6 +305,23 @@ def test_notice_names_each_reason_not_to_trust_an_answer():
     text = app.notice(worried)
     assert "unlike anything this model was trained on" in text and "Not sure" in text
     assert "cups, &lt;b&gt;x&lt;/b&gt;" in text
+
+
+def test_many_questions_show_percentages_and_the_notices_of_ask(models, tiny_checkpoint, monkeypatch):
+    import app
+    from vqa.words import WordVocabulary
+
+    predictor = models[tiny_checkpoint.name].predictor
+    monkeypatch.setattr(predictor, "words", WordVocabulary.from_questions([QUESTION]))
+    monkeypatch.setattr(predictor, "threshold", 0.99)  # an untrained model is never that sure
+    image = draw_shape("red", "circle")
+    rows = app.predict_many(models, tiny_checkpoint.name, image, f"{QUESTION}\n\n what colour is the zorblax?")
+    assert [row[0] for row in rows] == [QUESTION, "what colour is the zorblax?"]
+    single = predictor.assess(image, QUESTION, 1)
+    assert rows[0][1:] == [next(iter(single.answers)), f"{100 * single.confidence:.2f} %",
+                           "not sure (below the threshold of 99.00 %)"]
+    assert rows[1][1] in ANSWERS and re.fullmatch(r"\d{1,3}\.\d\d %", rows[1][2])
+    assert rows[1][3] == "never seen in training: colour, zorblax; not sure (below the threshold of 99.00 %)"
 
 
 def test_compare_answers_with_every_model(models, tiny_checkpoint):
@@ -308,6 +365,13 @@ def test_compare_and_scene_endpoints(server, client):
     assert ("right" in verdict) == (label["label"] == truth)
     compared = client.predict(handle_file(image), question, api_name="/compare")["data"]
     assert [row[0] for row in compared] == ["easy-vqa", "shapes-world", "shapes-world-attention"]
+
+
+def test_api_clients_get_messages_without_html_escapes(client):
+    rows = {"headers": ["shape", "color", "size", "material", "x", "y"],
+            "data": [["<b>", "red", "small", "solid", 20, 20]], "metadata": None}
+    with pytest.raises(AppError, match=re.escape("row 1: shape '<b>' is not one of circle")):
+        client.predict(rows, api_name="/render_scene")
 
 
 def test_uploads_are_deleted_from_the_cache_after_an_hour(models):

@@ -319,3 +319,94 @@ def test_output_stride_keeps_a_finer_map():
         coarse = create_backbone("test_resnet").forward_features(pixels)
         fine = create_backbone("test_resnet", output_stride=8).forward_features(pixels)
     assert coarse.shape[2:] == (2, 2) and fine.shape[2:] == (8, 8)
+
+
+# The levers of "models that learn their world": coordinates, hops, sigmoid glimpses, side loss.
+
+def test_levers_off_are_the_one_hop_model_bit_for_bit(attention_model):
+    """Coordinates off, one hop, softmax and no side loss, said explicitly, build the same
+    parameters and give the same logits, bit for bit, as the attention model without them;
+    the one hop is the formula written out by hand, as the model computed it before hops."""
+    explicit = make_model(image_size=64, attention_glimpses=2, output_stride=8, attention_coords=False,
+                          attention_hops=1, attention_activation="softmax", side_loss_weight=0.0)
+    assert list(explicit.state_dict()) == list(attention_model.state_dict())
+    assert explicit.side_head is None
+    inputs = batch(size=64)
+    with torch.no_grad():
+        assert torch.equal(explicit(**inputs).logits, attention_model(**inputs).logits)
+        model = attention_model
+        features = model.image_features(inputs["pixel_values"])
+        questions = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+        grid = features.flatten(2).transpose(1, 2)
+        grid = F.normalize(grid.float(), dim=-1) * grid.shape[-1] ** 0.5  # (N, L, F)
+        attention = model.image_encoder.attention
+        keys = torch.tanh(attention.locations(grid))
+        weights = attention.scores(keys[inputs["image_index"]] * questions[:, None]).softmax(dim=1)
+        image = torch.tanh(model.image_encoder.project((weights.transpose(1, 2) @ grid[inputs["image_index"]]).flatten(1)))
+        assert torch.equal(model.answer_logits(features, questions, inputs["image_index"]),
+                           model.classifier(image * questions))
+
+
+def test_coordinates_are_appended_to_every_location():
+    model = make_model(image_size=64, attention_glimpses=2, output_stride=8, attention_coords=True)
+    features = torch.randn(2, model.config.image_feature_dim, 8, 8)
+    grid = model.image_encoder.grid(features)  # (N, 64, F + 2)
+    assert grid.shape == (2, 64, model.config.image_feature_dim + 2)
+    xy = grid[0, :, -2:]
+    assert xy[0].tolist() == pytest.approx([-7 / 8, -7 / 8]) and xy[7].tolist() == pytest.approx([7 / 8, -7 / 8])
+    assert xy[63].tolist() == pytest.approx([7 / 8, 7 / 8])  # row by row: the last location is bottom right
+    # A mirrored image is not the same image to the model any more: "left of" has something to read.
+    mirrored = features.flip(-1)
+    assert not torch.allclose(model.image_encoder.grid(mirrored)[0, :, -2:], xy.flip(0))
+
+
+def test_each_hop_asks_with_the_question_times_the_last_hops_image_vector():
+    model = make_model(image_size=64, attention_glimpses=2, output_stride=8, attention_hops=3)
+    inputs = batch(size=64)
+    encoder = model.image_encoder
+    with torch.no_grad():
+        features = model.image_features(inputs["pixel_values"])
+        questions = model.question_vectors(inputs["input_ids"], inputs["lengths"])
+        grid, index = encoder.grid(features), inputs["image_index"]
+        query = questions
+        for attention, project in [(encoder.attention, encoder.project),
+                                   *zip(encoder.more_attention, encoder.more_project)]:
+            weights = attention(grid, query, index)
+            image = torch.tanh(project((weights.transpose(1, 2) @ grid[index]).flatten(1)))
+            query = questions * image
+        assert torch.equal(encoder(features, questions, index), image)
+        maps = model.attention_maps(features, questions, index)
+    assert maps.shape == (7, 3 * 2, 8, 8)  # every hop's glimpses, in order
+    assert torch.equal(maps[:, 4:].flatten(2).transpose(1, 2), weights)
+    assert "3 hops of 2-glimpse" in architecture(model.config)
+
+
+def test_sigmoid_glimpses_keep_how_many_locations_matched():
+    model = make_model(image_size=64, attention_glimpses=1, output_stride=8, attention_activation="sigmoid")
+    attention = model.image_encoder.attention
+    with torch.no_grad():
+        attention.locations.weight.zero_()
+        attention.locations.bias.fill_(1.0)  # every location's key is the same
+        grid = torch.zeros(1, 64, model.config.image_feature_dim)
+        weights = attention(grid, torch.ones(1, 32), torch.tensor([0]))
+    # Softmax would give 1/64 each; sigmoid weighs each location alone, so the weights sum to 64 x one.
+    torch.testing.assert_close(weights.sum(), 64 * weights[0, 0, 0])
+    assert 0 < weights[0, 0, 0] < 1 and not torch.isclose(weights.sum(), torch.tensor(1.0))
+
+
+def test_the_side_loss_trains_the_question_vector_and_changes_no_answer():
+    targets = ["ref0.color=red", "fn=count", "fn=exist"]
+    plain = make_model(seed=3)
+    side = make_model(seed=3, side_loss_weight=0.5, side_targets=targets)
+    inputs, labels = batch(), torch.full((7, len(ANSWERS)), 0.25)
+    side_labels = torch.zeros(7, 3)
+    side_labels[:, 1] = 1.0
+    with torch.no_grad():
+        out = side(**inputs, labels=labels, side_labels=side_labels)
+        assert torch.equal(out.logits, plain(**inputs).logits)  # the head is not on the answer's path
+        answer_loss = plain(**inputs, labels=labels).loss
+        assert torch.equal(side(**inputs, labels=labels).loss, answer_loss)  # no side labels, no side loss
+        questions = side.question_vectors(inputs["input_ids"], inputs["lengths"])
+        bce = F.binary_cross_entropy_with_logits(side.side_head(questions), side_labels, reduction="sum") / 7
+        torch.testing.assert_close(out.loss, answer_loss + 0.5 * bce)
+    assert side.side_head.out_features == 3 and plain.side_head is None

@@ -20,7 +20,7 @@ from fixtures import (QUESTION, ROOT, COLORS, SHAPES, ForwardCounter, call_withi
 import vqa.predict
 from vqa.errors import InputError
 from vqa.ood import FeatureDensity
-from vqa.predict import MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, check_question
+from vqa.predict import MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, check_question, percent
 from vqa.predict import main as predict_main
 from vqa.text import pad_questions
 from vqa.words import WordVocabulary
@@ -214,6 +214,26 @@ def test_assess_names_unknown_words_flags_an_unusual_image_and_low_confidence(de
     assert facts["answer_threshold"] == 0.99 and facts["ood_threshold"] == density.threshold
 
 
+def test_assess_many_gives_each_question_the_flags_of_assess(detecting):
+    predictor, _, _ = detecting
+    questions = ["what color is the shape?", "What COLOR is the zorblax?"]
+    many = predictor.assess_many(noise_image(), questions, top_k=3)
+    for question, answer in zip(questions, many):
+        single = predictor.assess(noise_image(), question, top_k=3)
+        assert list(answer.answers) == list(single.answers)
+        assert answer.confidence == pytest.approx(single.confidence, abs=1e-6)
+        assert answer.notes() == single.notes()
+    assert many[0].notes() == ["unusual image", "not sure (below the threshold of 99.00 %)"]
+    assert many[1].notes() == ["unusual image", "never seen in training: zorblax",
+                               "not sure (below the threshold of 99.00 %)"]
+    assert predictor.answer_many(noise_image(), questions, top_k=3) == [a.answers for a in many]
+
+
+def test_percent_shows_two_decimals():
+    assert percent(0.999853253364563) == "99.99 %"
+    assert [percent(p) for p in (1.0, 0.05, 0.0)] == ["100.00 %", "5.00 %", "0.00 %"]
+
+
 def test_assess_scores_the_image_with_the_fitted_density(detecting):
     predictor, density, heldout = detecting
     answer = predictor.assess(heldout[0], "is there a circle?")
@@ -259,6 +279,27 @@ def test_attention_gives_one_overlay_per_glimpse(attention_checkpoint, predictor
 def test_bad_questions_are_refused_by_name(predictor, question, message):
     with pytest.raises(InputError, match=message):
         predictor.answer(draw_shape("red", "circle"), question)
+
+
+@pytest.mark.parametrize("question", ["\u200b\u200b", "\ufeff", " \u200c\u200d\u2060 ", "\u200b \t\u200b"])
+def test_a_question_of_only_zero_width_characters_is_empty(predictor, question):
+    with pytest.raises(InputError, match="the question is empty"):
+        check_question(question)
+    with pytest.raises(InputError, match="the question is empty"):
+        predictor.answer(draw_shape("red", "circle"), question)
+
+
+@pytest.mark.parametrize("question", ["😀😀😀😀", "!!!", "?!", "🔺 🟦 🤔 ?", "-- ... ''", "\u200b!\u200b"])
+def test_a_question_without_words_is_refused(predictor, question):
+    with pytest.raises(InputError, match=r"the question has no words \(only symbols or emoji\): ask in words"):
+        predictor.answer(draw_shape("red", "circle"), question)
+
+
+def test_a_question_of_unknown_words_is_answered_and_flagged(detecting):
+    predictor, _, _ = detecting
+    answer = predictor.assess(draw_shape("red", "circle"), "zorblax 😀 flibbertigibbet?!")
+    assert answer.unknown_words == ["zorblax", "flibbertigibbet"]  # every word: the notice names them all
+    assert check_question(" 7 😀 ") == "7 😀"  # a digit is a word
 
 
 def test_a_question_at_the_length_limit_is_answered(predictor):
@@ -373,7 +414,7 @@ def test_any_image_mode_is_converted_and_answered(predictor, image):
     "is there a 🔺 or a 🟦 in the image? 🤔",
     "colour of the zorblax flibbertigibbet",
     "a",
-    "?!",
+    "a?!",
     "what " * 59 + "is it",  # far more pieces than max_question_tokens
 ])
 def test_any_text_is_answered(predictor, question):

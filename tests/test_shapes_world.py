@@ -2,18 +2,21 @@
 vqa/shapes_questions.py). Answers are checked against hand-placed scenes and against checks
 written here independently of the executor."""
 
+import importlib.util
 import json
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import vqa.shapes_world as world
+from fixtures import ROOT
 from vqa.data import load_vqa_split
 from vqa.errors import InputError
 from vqa.metrics import blind_baseline
-from vqa.shapes_questions import (ATTRIBUTES, FAMILIES, TEMPLATES, QuestionGenerator, parse_question,
-                                  suggest_questions, true_answer)
+from vqa.shapes_questions import (AMBIGUOUS, ATTRIBUTES, FAMILIES, NO_TEMPLATE, TEMPLATES, QuestionGenerator,
+                                  answer_or_reason, parse_question, suggest_questions, true_answer)
 from vqa.shapes_world import (COLORS, WorldConfig, generate_scenes, load_shapes_world, object_mask, random_scene,
                               render_scene, scene_from_rows, scene_to_rows, split_files, write_split)
 
@@ -151,11 +154,19 @@ def test_ambiguous_or_unknown_questions_have_no_answer(question):
     assert true_answer(hand_scene(), question) is None
 
 
+@pytest.mark.parametrize("question, reason", [(q, AMBIGUOUS) for q in HAND_UNANSWERABLE[:4]]
+                         + [(q, NO_TEMPLATE) for q in HAND_UNANSWERABLE[4:]])
+def test_an_unanswerable_question_says_why(question, reason):
+    assert answer_or_reason(hand_scene(), question) == (None, reason)
+
+
 def test_pairs_closer_than_the_margin_make_relation_questions_unanswerable():
     rows = [["circle", "red", "small", "solid", 30, 20], ["square", "blue", "small", "solid", 33, 80],
             ["triangle", "green", "small", "solid", 90, 50]]
     scene = scene_from_rows(rows)
     assert true_answer(scene, "How many things are left of the red circle?") is None  # the square is 3 px off
+    assert answer_or_reason(scene, "How many things are left of the red circle?") == (None, AMBIGUOUS)
+    assert answer_or_reason(scene, "How many things are left of the triangle?") == ("2", None)
     assert true_answer(scene, "How many things are above the red circle?") == "0"  # y is clear
     assert true_answer(scene, "How many things are left of the triangle?") == "2"
 
@@ -309,6 +320,13 @@ def test_rows_from_a_dataframe():
     (["circle", "red", "small", "metal", 64, 64], r"row 2: material 'metal'"),
     (["circle", "red", "small", "solid", "left", 64], r"row 2: x is 'left', not a number"),
     (["circle", "red", "small", "solid", 64, 10.5], r"row 2: y is 10.5, expected a whole number"),
+    (["circle", "red", "small", "solid", "inf", 64], r"row 2: x is 'inf', not a finite number"),
+    (["circle", "red", "small", "solid", 64, " -Infinity "], r"row 2: y is '-Infinity', not a finite number"),
+    (["circle", "red", "small", "solid", "nan", 64], r"row 2: x is 'nan', not a finite number"),
+    (["circle", "red", "small", "solid", 64, float("inf")], r"row 2: y is inf, not a finite number"),
+    (["circle", "red", "small", "solid", "1e999", 64], r"row 2: x is '1e999', not a finite number"),
+    (["circle", "red", "small", "solid", float("nan"), 64], r"row 2: x is empty: give a whole number of pixels"),
+    (["circle", "red", "small", "solid", 64, None], r"row 2: y is empty"),
     (["circle", "red", "large", "solid", 64, 120], r"row 2: y = 120 puts the large object .* use 14..113"),
     (["circle", "red", "small"], r"row 2: expected 6 fields"),
     (["circle", "red", "small", "solid", 25, 25], r"rows 1 and 2 overlap"),
@@ -317,6 +335,16 @@ def test_row_errors_name_the_row_and_field(bad_row, message):
     rows = [["square", "blue", "small", "solid", 20, 20], bad_row]
     with pytest.raises(InputError, match=message):
         scene_from_rows(rows)
+
+
+def test_rows_accept_the_spellings_that_questions_accept():
+    rows = [["Cube", " GREY ", "large", "outlined", 30, 30], ["sphere", "grey", "small", "solid", 90, 90]]
+    objects = scene_from_rows(rows)["objects"]
+    assert [(o["shape"], o["color"], o["material"]) for o in objects] == [("square", "gray", "outline"),
+                                                                          ("circle", "gray", "solid")]
+    assert true_answer(scene_from_rows(rows), "How many grey things are there?") == "2"
+    with pytest.raises(InputError, match="row 1: color 'colour' is not one of"):
+        scene_from_rows([["circle", "colour", "small", "solid", 30, 30]])  # a spelling of another kind
 
 
 def test_too_many_rows_are_refused():
@@ -404,3 +432,84 @@ def test_unknown_split_or_parameter_is_refused(tmp_path):
         load_shapes_world("dev", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown shapes-world parameter"):
         load_shapes_world("test", cache_dir=tmp_path, num_objects=3)
+
+
+# ------------------------------------------------------------------- the writing script
+_spec = importlib.util.spec_from_file_location("make_shapes_world", ROOT / "training" / "make_shapes_world.py")
+make_shapes_world = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_shapes_world)
+
+
+def make(tmp_path, *args) -> list[str]:
+    return ["--out", str(tmp_path / "out"), "--no-progress", "--workers", "1", "--image-size", "64", *args]
+
+
+@pytest.mark.parametrize("flag, value", [("--scenes", "-5"), ("--scenes", "0"), ("--questions-per-scene", "0"),
+                                         ("--workers", "-1")])
+def test_script_refuses_counts_below_one(tmp_path, capsys, flag, value):
+    assert make_shapes_world.main([*make(tmp_path, "--scenes", "2"), flag, value]) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be at least 1, not {value}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_script_refuses_a_split_bigger_than_the_free_disk(tmp_path, capsys, monkeypatch):
+    assert make_shapes_world.main(["--out", str(tmp_path / "out"), "--scenes", "1000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1000000000 scenes of 128 px with 10 questions each need about 36.7 TB, but ")
+    assert err.endswith(" free: write fewer scenes or elsewhere\n") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    # The limit is the estimate itself: one byte short is refused, the estimate is enough.
+    need = world.estimated_bytes(3, WorldConfig(image_size=64, questions_per_scene=10))
+    monkeypatch.setattr(world.shutil, "disk_usage", lambda path: SimpleNamespace(free=need - 1))
+    assert make_shapes_world.main(make(tmp_path, "--scenes", "3")) == 2
+    assert "but " + str(tmp_path) in capsys.readouterr().err
+    monkeypatch.setattr(world.shutil, "disk_usage", lambda path: SimpleNamespace(free=need))
+    assert make_shapes_world.main(make(tmp_path, "--scenes", "3")) == 0
+
+
+@pytest.mark.parametrize("image_size, questions", [(64, 10), (128, 10), (224, 1)])
+def test_size_estimate_holds_the_files_written(tmp_path, image_size, questions):
+    paths = write_split(tmp_path, "val", 20, 0, questions, progress=False, workers=1, image_size=image_size)
+    written = sum(p.stat().st_blocks * 512 for p in tmp_path.rglob("*") if p.is_file())  # on disk, whole blocks
+    estimate = world.estimated_bytes(20, WorldConfig(image_size=image_size, questions_per_scene=questions))
+    assert written <= estimate <= 1.5 * written
+    assert paths == split_files(tmp_path, "val")
+
+
+def test_script_names_the_path_it_cannot_write(tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    for out, blocker in ((tmp_path / "file", tmp_path / "file"), (tmp_path / "file" / "out", tmp_path / "file")):
+        assert make_shapes_world.main(["--out", str(out), "--scenes", "2", "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"error: cannot write to {out}: {blocker} is a file, not a folder\n"
+    too_long = tmp_path / ("x" * 300)  # an OSError from the file system, even for root
+    assert make_shapes_world.main(["--out", str(too_long), "--scenes", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to {too_long}: ") and "File name too long" in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_interrupted_write_leaves_the_folder_as_it_was(tmp_path, monkeypatch, capsys):
+    assert make_shapes_world.main(make(tmp_path, "--split", "train", "--scenes", "3")) == 0
+    before = _file_bytes(tmp_path / "out")
+    rendered = []
+
+    def interrupt_at_the_third(scene, config=None):
+        rendered.append(scene)
+        if len(rendered) == 3:
+            raise KeyboardInterrupt
+        return render_scene(scene, config)
+
+    monkeypatch.setattr(world, "render_scene", interrupt_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        make_shapes_world.main(make(tmp_path, "--split", "test", "--scenes", "4"))
+    assert _file_bytes(tmp_path / "out") == before  # no test PNGs without their JSON
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nor a temporary folder
+    monkeypatch.undo()
+    # Done to the end, the split joins the other one, and writing a split again replaces it.
+    assert make_shapes_world.main(make(tmp_path, "--split", "test", "--scenes", "4")) == 0
+    assert make_shapes_world.main(make(tmp_path, "--split", "train", "--scenes", "3")) == 0
+    after = _file_bytes(tmp_path / "out")
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sum(k.startswith("test/") for k in after) == 4 and "shapes_world_test_scenes.json" in after
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

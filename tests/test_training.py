@@ -1,5 +1,6 @@
 """training/train.py end to end on tiny models and small VQA v2-layout data."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -244,3 +245,50 @@ def test_every_option_has_help(script):
         flag, _, rest = entry[0].partition("  ")
         described = rest.strip() or len(entry) > 1
         assert described, f"{script}: {flag} has no help text"
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention-glimpses", "-1"], "--attention-glimpses must be at least 0 and at most 16, not -1"),
+    (["--attention-hops", "0"], "--attention-hops must be at least 1 and at most 8, not 0"),
+    (["--attention-activation", "relu"], "--attention-activation must be one of softmax, sigmoid, not 'relu'"),
+    (["--output-stride", "7"], "--output-stride must be one of 8, 16, 32, not 7"),
+    (["--batch-size", "0"], "--batch-size must be at least 1 and at most 1000000, not 0"),
+    (["--lstm-layers", "0"], "--lstm-layers must be at least 1 and at most 8, not 0"),
+    (["--dropout", "2"], "--dropout must be at least 0.0 and at most 0.95, not 2.0"),
+    (["--learning-rate", "nan"], "--learning-rate must be more than 0 and at most 10, not nan"),
+    (["--epochs", "0"], "--epochs must be more than 0 and at most 100000, not 0.0"),
+    (["--epochs", "-1"], "--epochs must be more than 0 and at most 100000, not -1.0"),
+    (["--val-fraction", "1.5"], "--val-fraction must be more than 0 and at most 0.9, not 1.5"),
+    (["--top-answers", "0"], "--top-answers must be at least 1 and at most 100000, not 0"),
+    (["--image-size", "100000"], "--image-size must be at least 16 and at most 2048, not 100000"),
+    (["--side-loss-weight", "-1"], "--side-loss-weight must be at least 0.0 and at most 100.0, not -1.0"),
+])
+def test_settings_are_checked_before_any_data_is_read(tmp_path, capsys, args, message):
+    # The data files do not exist: a check made after reading them would complain about them instead.
+    missing = str(tmp_path / "missing.json")
+    code = _train_script().main(["--output-dir", str(tmp_path / "x"), "--dataset", "files", "--train-questions",
+                                 missing, "--train-annotations", missing, "--train-images", str(tmp_path), *args])
+    error = capsys.readouterr().err
+    assert code == 2 and error == f"error: {message}\n"
+    assert not (tmp_path / "x.trainer").exists()
+
+
+def test_a_checkpoint_config_out_of_range_names_the_file_and_field(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from vqa.errors import OptionError
+
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["image_size"] = -5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OptionError, match=r"bad/config.json: image_size must be at least 16 and at most 2048, not -5"):
+        load_checkpoint(folder)

@@ -47,7 +47,7 @@ import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from vqa.config import VQAConfig, model_options, option
+from vqa.config import VQAConfig, cli_dataclass, model_options, option
 from vqa.data import index_image_folder, load_vqa_split
 from vqa.errors import DataError, VQAError
 from vqa.extraction import extract_features
@@ -56,9 +56,7 @@ from vqa.model import VQAModel
 SKIPPED_FILE = "skipped_images.json"
 # The model options that change the features; the rest (sizes of the heads) do not.
 FEATURE_OPTIONS = ("backbone", "image_size", "output_stride", "attention_glimpses")
-ModelOptions = dataclasses.make_dataclass(
-    "ModelOptions", [(f.name, f.type, field(default=f.default, metadata=f.metadata))
-                     for f in model_options() if f.name in FEATURE_OPTIONS])
+ModelOptions = cli_dataclass("ModelOptions", [f for f in model_options() if f.name in FEATURE_OPTIONS])
 
 
 @dataclass

@@ -94,10 +94,19 @@ def print_baseline(out: Path, split: str) -> None:
     print(f"  {'overall':18s} {result['overall']:6.2f}")
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """DataError naming the flag when a count is below 1 (WorldConfig checks the world's sizes)."""
+    for flag in ("scenes", "questions_per_scene", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DataError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     params = dict(image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects)
     try:
+        check_counts(args)
         if args.sample:
             config = WorldConfig(**params)
             sample_picture(args.seed, config).save(args.sample)
@@ -113,6 +122,9 @@ def main(argv=None) -> int:
             print_baseline(Path(args.out), args.split)
     except (VQAError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an unwritable --out, a full disk: the path, not a traceback
+        print(f"error: cannot write to {args.sample or args.out}: {error}", file=sys.stderr)
         return 2
     return 0
 

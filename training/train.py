@@ -25,20 +25,19 @@ import sys
 
 from transformers import HfArgumentParser
 
-from vqa.config import model_options
+from vqa.config import cli_dataclass, model_options
 from vqa.errors import VQAError
 from vqa.training import TrainingInterrupted, TrainOptions, train
 
-ModelOptions = dataclasses.make_dataclass(
-    "ModelOptions", [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-                     for f in model_options()])
+ModelOptions = cli_dataclass("ModelOptions", model_options())
+TrainFlags = cli_dataclass("TrainOptions", dataclasses.fields(TrainOptions))
 
 
 def parse_args(argv=None) -> tuple[TrainOptions, dict]:
-    parser = HfArgumentParser((TrainOptions, ModelOptions), description=__doc__,
+    parser = HfArgumentParser((TrainFlags, ModelOptions), description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     options, model = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return options, dataclasses.asdict(model)
+    return TrainOptions(**dataclasses.asdict(options)), dataclasses.asdict(model)
 
 
 def main(argv=None) -> int:

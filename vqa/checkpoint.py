@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from huggingface_hub.repocard import metadata_load
 from safetensors import SafetensorError
 from safetensors import safe_open
 
-from .config import VQAConfig
+from .config import VQAConfig, check_options
 from .errors import CheckpointError
 from .text import TOKENIZER_FILE, QuestionTokenizer
 
@@ -97,6 +99,10 @@ def load_checkpoint(folder: str | Path):
     tokenizer = QuestionTokenizer.load(folder)
     try:
         config = VQAConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE} cannot be read as a VQA model's config: {error}") from error
+    check_options(vars(config), fields(VQAConfig), f"{folder / CONFIG_FILE}: ")
+    try:
         # Weights may be stored in half precision (the shipped checkpoint is); compute in float32.
         model = VQAModel.from_pretrained(folder, config=config, use_safetensors=True, dtype=torch.float32)
     except (RuntimeError, ValueError, OSError, KeyError, TypeError) as error:
@@ -156,27 +162,17 @@ def _remove_leftovers(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, card: str | None = None,
-                    extra_files: dict[str, Path] | None = None, half: bool = False) -> Path:
-    """Write the checkpoint into a temporary sibling folder, then rename it into place.
-
-    half=True stores the weights in float16 (half the size; loading computes in float32).
-    """
+@contextmanager
+def atomic_folder(folder: str | Path):
+    """Yield a temporary sibling folder to fill; on success it replaces `folder` by rename, so
+    a crash at any point leaves the previous folder (or nothing) in place, never half of one."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = None
-        if half:
-            state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save(tmp)
-        if card is not None:
-            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
-        # mkdtemp makes a private folder; give the checkpoint the usual permissions.
+        yield tmp
+        # mkdtemp makes a private folder; give the result the usual permissions.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -193,7 +189,25 @@ def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, car
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+
+
+def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, card: str | None = None,
+                    extra_files: dict[str, Path] | None = None, half: bool = False) -> Path:
+    """Write the checkpoint into a temporary sibling folder, then rename it into place.
+
+    half=True stores the weights in float16 (half the size; loading computes in float32).
+    """
+    with atomic_folder(folder) as tmp:
+        state = None
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save(tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+    return Path(folder)
 
 
 def update_card(folder: str | Path, facts: dict) -> Path:

@@ -4,14 +4,56 @@ The one place a model option is written: `training/train.py` builds its command-
 options from these fields (their `help`), so sizes are never copied elsewhere.
 """
 
-from dataclasses import field, fields
+import math
+from dataclasses import field, fields, make_dataclass
 
 from transformers import PretrainedConfig
 
+from .errors import OptionError
 
-def option(default, help: str):
-    """A config field with the help text that `--help` prints."""
-    return field(default=default, metadata={"help": help})
+
+def option(default, help: str, low=None, high=None, above=None, choices=None):
+    """A field with the help text that `--help` prints and its allowed values, which `check_options`
+    enforces: low <= value <= high, value > above, value in choices (None always passes)."""
+    allowed = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("choices", choices)) if v is not None}
+    return field(default=default, metadata={"help": help, **allowed})
+
+
+def cli_dataclass(name: str, specs) -> type:
+    """A dataclass of these fields for HfArgumentParser, with their defaults and help text only:
+    the parser passes every metadata key to argparse, and the ranges are `check_options`' job."""
+    return make_dataclass(name, [(f.name, f.type, field(default=f.default, metadata={"help": f.metadata["help"]}))
+                                 for f in specs])
+
+
+def _allowed(meta: dict) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    low = f"more than {meta['above']}" if "above" in meta else f"at least {meta['low']}" if "low" in meta else ""
+    high = f"at most {meta['high']}" if "high" in meta else ""
+    return " and ".join(p for p in (low, high) if p)
+
+
+def check_options(values: dict, specs, where: str = "--") -> None:
+    """Raise OptionError naming the first value outside its field's allowed range.
+
+    `specs`: dataclass fields (their metadata holds the ranges); `where`: "--" names flags
+    (--attention-hops), anything else prefixes the field name (config.json: image_size).
+    """
+    for spec in specs:
+        meta, value = spec.metadata, values.get(spec.name)
+        if value is None or not any(k in meta for k in ("low", "high", "above", "choices")):
+            continue
+        name = f"--{spec.name.replace('_', '-')}" if where == "--" else f"{where}{spec.name}"
+        if "choices" in meta:
+            ok = value in meta["choices"]
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            ok = False
+        else:
+            ok = (value >= meta.get("low", -math.inf) and value <= meta.get("high", math.inf)
+                  and value > meta.get("above", -math.inf))
+        if not ok:
+            raise OptionError(f"{name} must be {_allowed(meta)}, not {value!r}")
 
 
 class VQAConfig(PretrainedConfig):
@@ -25,22 +67,43 @@ class VQAConfig(PretrainedConfig):
     model_type = "vqa_lstm_cnn"
 
     backbone: str = option("resnet18", "timm model name of the image encoder (e.g. resnet10t, resnet152)")
-    image_size: int | None = option(None, "model input side in pixels (default: the backbone's)")
+    image_size: int | None = option(None, "model input side in pixels (default: the backbone's)", low=16, high=2048)
     crop_pct: float | None = option(None, "kept for old checkpoints: images are letterboxed whole, never cropped")
     freeze_backbone: bool = option(False, "keep the CNN fixed; its features are computed once and cached")
-    output_stride: int | None = option(None, "timm output_stride (8 or 16): a finer CNN map for attention")
+    output_stride: int | None = option(None, "timm output_stride (8 or 16): a finer CNN map for attention",
+                                        choices=(8, 16, 32))
     image_feature_dim: int | None = option(None, "size of the CNN features (set by the model)")
-    vocab_size: int = option(4000, "SentencePiece pieces (set from the trained tokenizer)")
-    embed_dim: int = option(300, "word embedding size")
-    lstm_hidden: int = option(512, "hidden units per LSTM layer")
-    lstm_layers: int = option(2, "LSTM layers; the question vector is h and c of every layer")
-    common_dim: int = option(1024, "size of the common space where image and question vectors are multiplied")
-    classifier_hidden: int = option(1000, "hidden units of the answer classifier")
-    dropout: float = option(0.5, "dropout before each classifier layer (and on attention scores)")
-    max_question_tokens: int = option(32, "longer questions are truncated to this many pieces")
+    vocab_size: int = option(4000, "SentencePiece pieces (set from the trained tokenizer)", low=2, high=1_000_000)
+    embed_dim: int = option(300, "word embedding size", low=1, high=8192)
+    lstm_hidden: int = option(512, "hidden units per LSTM layer", low=1, high=8192)
+    lstm_layers: int = option(2, "LSTM layers; the question vector is h and c of every layer", low=1, high=8)
+    common_dim: int = option(1024, "size of the common space where image and question vectors are multiplied",
+                             low=1, high=16384)
+    classifier_hidden: int = option(1000, "hidden units of the answer classifier", low=1, high=16384)
+    dropout: float = option(0.5, "dropout before each classifier layer (and on attention scores)", low=0.0, high=0.95)
+    max_question_tokens: int = option(32, "longer questions are truncated to this many pieces", low=1, high=1024)
     attention_glimpses: int = option(
         0, "0: the paper's pooled image vector; G > 0: G glimpses of question-guided attention over "
-           "the CNN's spatial map (Kazemi & Elqursh 2017), still fused by elementwise product")
+           "the CNN's spatial map (Kazemi & Elqursh 2017), still fused by elementwise product", low=0, high=16)
+    attention_coords: bool = option(
+        False, "append each map location's (x, y) to its features (CoordConv, Liu et al. 2018): "
+               "something for 'left of' to read")
+    attention_hops: int = option(
+        1, "stacked attention (Yang et al. 2016): hop k's query is the question vector (x) hop k-1's "
+           "attended image vector", low=1, high=8)
+    attention_activation: str = option(
+        "softmax", "'softmax': each glimpse's weights sum to 1; 'sigmoid': each location weighted in (0, 1), "
+                   "so the attended sum keeps how many things matched (counting, Zhang et al. 2018)",
+        choices=("softmax", "sigmoid"))
+    question_word_path: bool = option(
+        False, "add the mean of the question's word embeddings, projected, to the LSTM's question vector "
+               "(a word-level path beside the LSTM state)")
+    side_loss_weight: float = option(
+        0.0, "training only: weight of the side loss that predicts, from the question vector, what the "
+             "question names (from its program, or its words); 0 turns it off. Inference is unchanged",
+        low=0.0, high=100.0)
+    side_targets: list[str] = option(
+        None, "names of the side-loss targets (set from the training questions)")
 
     @property
     def answers(self) -> list[str]:
@@ -49,7 +112,7 @@ class VQAConfig(PretrainedConfig):
 
 
 # Fields the model sets itself (from the backbone and the tokenizer): not options of a run.
-DERIVED_FIELDS = ("image_feature_dim", "vocab_size")
+DERIVED_FIELDS = ("image_feature_dim", "vocab_size", "side_targets")
 
 
 def model_options() -> list:

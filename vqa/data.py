@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from .answers import HUMAN_ANSWERS, answer_scores
 from .errors import DataError, InputError
 from .images import open_image, probe_image
+from .programs import question_targets
 from .text import QuestionTokenizer, pad_questions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -161,9 +162,10 @@ def _read_annotations(path: Path, by_id: dict[int, dict], questions_file: Path, 
         record["answer_type"] = _require(a, "answer_type", str, path, where)
         record["question_type"] = _require(a, "question_type", str, path, where)
         record["multiple_choice_answer"] = a.get("multiple_choice_answer", Counter(texts).most_common(1)[0][0])
-        # Other plain fields a generator adds (the shapes world's "relation", "template") are kept.
+        # Other plain fields a generator adds (the shapes world's "relation", "template") are kept,
+        # and a CLEVR-format "program" (a list of nodes: vqa/programs.py reads it).
         record.update({k: v for k, v in a.items() if k not in record and k not in _ANNOTATION_FIELDS
-                       and isinstance(v, (str, bool, int))})
+                       and (isinstance(v, (str, bool, int)) or k == "program" and isinstance(v, list))})
     _check_answer_counts(by_id.values(), path, allow_nonstandard)
     missing = [qid for qid in by_id if qid not in annotated]
     if missing:
@@ -351,28 +353,38 @@ class ImageSource:
 
 
 class QuestionDataset(Dataset):
-    """One item per question: its piece ids, its image id and its soft answer scores."""
+    """One item per question: its piece ids, its image id, its soft answer scores and, for a
+    model with side targets (`VQAConfig.side_targets`), the indices of those it names."""
 
-    def __init__(self, split: VQASplit, tokenizer: QuestionTokenizer, answer_index: dict[str, int], max_tokens: int):
+    def __init__(self, split: VQASplit, tokenizer: QuestionTokenizer, answer_index: dict[str, int], max_tokens: int,
+                 side_targets: list[str] | None = None):
         self.split = split
         self.records = sorted(split.records, key=lambda r: (r["image_id"], r["question_id"]))
         self.num_answers = len(answer_index)
         self.input_ids = [tokenizer.encode(r["question"], max_tokens) for r in self.records]
         self.scores = [answer_scores(r["answers"], answer_index) if "answers" in r else None for r in self.records]
+        self.side = None
+        if side_targets:
+            index = {t: i for i, t in enumerate(side_targets)}
+            self.side = [[index[t] for t in question_targets(r) if t in index] for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "image_id": self.records[i]["image_id"], "scores": self.scores[i]}
+        item = {"input_ids": self.input_ids[i], "image_id": self.records[i]["image_id"], "scores": self.scores[i]}
+        if self.side is not None:
+            item["side"] = self.side[i]
+        return item
 
 
 class VQACollator:
     """Pads the questions and loads each distinct image of the batch once."""
 
-    def __init__(self, images: ImageSource, num_answers: int):
+    def __init__(self, images: ImageSource, num_answers: int, num_side_targets: int = 0):
         self.images = images
         self.num_answers = num_answers
+        self.num_side_targets = num_side_targets
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, lengths = pad_questions([it["input_ids"] for it in items])
@@ -384,6 +396,11 @@ class VQACollator:
                 for answer, score in it["scores"].items():
                     labels[r, answer] = score
             batch["labels"] = labels
+        if self.num_side_targets and "side" in items[0]:
+            side = torch.zeros(len(items), self.num_side_targets)
+            for r, it in enumerate(items):
+                side[r, it["side"]] = 1.0
+            batch["side_labels"] = side
         return batch
 
 

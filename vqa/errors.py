@@ -15,3 +15,7 @@ class InputError(VQAError, ValueError):
 
 class CheckpointError(VQAError, ValueError):
     """A checkpoint folder is missing a file, is corrupt, or is not safe to load."""
+
+
+class OptionError(VQAError, ValueError):
+    """A training or model option (a flag, or a value in config.json) is outside its allowed range."""

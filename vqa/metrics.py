@@ -124,21 +124,28 @@ def question_accuracies(results: list[dict], split: VQASplit) -> dict[int, float
 
 def evaluate_results(results: list[dict], split: VQASplit) -> dict:
     """The official metrics of `results` on an annotated split, in percent (2 decimals):
-    {"overall", "perAnswerType": {type: %}, "perQuestionType": {type: %}, "perQuestion": {id: %}}."""
+    {"overall", "perAnswerType": {type: %}, "perQuestionType": {type: %}, "perQuestion": {id: %}},
+    and "perTemplate" {template: %} where the records have a generator's `template` field."""
     accuracies = question_accuracies(results, split)
     rounded = {acc: official_round(100 * acc) for acc in set(accuracies.values())}  # few distinct values
     per_answer_type: dict[str, list[float]] = {}
     per_question_type: dict[str, list[float]] = {}
+    per_template: dict[str, list[float]] = {}
     for record in split.records:
         acc = accuracies[record["question_id"]]
         per_answer_type.setdefault(record["answer_type"], []).append(acc)
         per_question_type.setdefault(record["question_type"], []).append(acc)
-    return {
+        if "template" in record:
+            per_template.setdefault(record["template"], []).append(acc)
+    metrics = {
         "overall": _percent(list(accuracies.values())),
         "perAnswerType": {t: _percent(a) for t, a in per_answer_type.items()},
         "perQuestionType": {t: _percent(a) for t, a in per_question_type.items()},
         "perQuestion": {qid: rounded[acc] for qid, acc in accuracies.items()},
     }
+    if per_template:
+        metrics["perTemplate"] = {t: _percent(a) for t, a in sorted(per_template.items())}
+    return metrics
 
 
 def blind_baseline(train_records: list[dict], test_records: list[dict]) -> dict:

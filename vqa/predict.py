@@ -4,7 +4,7 @@
     python -m vqa.predict --checkpoint checkpoints/easy-vqa --image shape.png --question "is there a circle?" \
         --top-k 3 --json
 
-Every user mistake (no image, empty or over-long question, corrupt or huge image) raises
+Every user mistake (no image, empty, wordless or over-long question, corrupt or huge image) raises
 InputError with a message that names the problem; anything else is a bug.
 """
 
@@ -13,6 +13,7 @@ import json
 import queue
 import sys
 import threading
+import unicodedata
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .images import open_image
 from .model import architecture
 from .ood import FeatureDensity
 from .text import pad_questions
-from .words import WordVocabulary
+from .words import WordVocabulary, question_words
 
 MAX_QUESTION_CHARS = 300
 DEFAULT_TOP_K = 5
@@ -48,13 +49,23 @@ def check_question(question) -> str:
         # Python hands bytes of a command line that are not UTF-8 over as lone surrogates.
         raise InputError("the question is not valid UTF-8 text; type it again in a UTF-8 terminal")
     question = question.strip()
-    if not question:
+    # Zero-width and other format characters (category Cf: U+200B, U+FEFF, ...) show as nothing.
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in question):
         raise InputError("the question is empty: type a question about the image")
     if len(question) > MAX_QUESTION_CHARS:
         raise InputError(
             f"the question is {len(question)} characters long, over the limit of {MAX_QUESTION_CHARS}"
         )
+    # Without a word the answer is a confident guess: the shipped models said "no" at 100 % to
+    # "😀😀😀😀" and "triangle" at 93 % to "!!!". A word is what vqa.words counts as one.
+    if not question_words(question):
+        raise InputError("the question has no words (only symbols or emoji): ask in words")
     return question
+
+
+def percent(probability: float) -> str:
+    """'99.99 %': two decimals tell 0.9999 from 0.99 where a raw float shows 0.999853253364563."""
+    return f"{100 * probability:.2f} %"
 
 
 @dataclass
@@ -85,6 +96,17 @@ class Answer:
     @property
     def unusual_image(self) -> bool:
         return self.image_score is not None and self.image_score > self.image_threshold
+
+    def notes(self) -> list[str]:
+        """The reasons not to trust the answer, in a few words each (a table's "notes" column)."""
+        notes = []
+        if self.unusual_image:
+            notes.append("unusual image")
+        if self.unknown_words:
+            notes.append("never seen in training: " + ", ".join(self.unknown_words))
+        if self.not_sure:
+            notes.append(f"not sure (below the threshold of {percent(self.threshold)})")
+        return notes
 
     def details(self) -> dict:
         """What the API returns beside the answers."""
@@ -188,6 +210,10 @@ class Predictor:
 
     def answer_many(self, image, questions: list[str], top_k: int = DEFAULT_TOP_K) -> list[dict[str, float]]:
         """Several questions about one image: the CNN runs on the image once."""
+        return [a.answers for a in self.assess_many(image, questions, top_k)]
+
+    def assess_many(self, image, questions: list[str], top_k: int = DEFAULT_TOP_K) -> list[Answer]:
+        """`assess` for several questions about one image, the CNN running on the image once."""
         if isinstance(questions, str) or not questions:
             raise InputError("no questions: give one or more questions about the image")
         id_lists = []
@@ -198,7 +224,8 @@ class Predictor:
                 raise InputError(f"question {position + 1} of {len(questions)}: {error}") from error
         top_k = self.check_top_k(top_k)
         pixels = self.image_pixels(image)
-        return [a.answers for a in self.run_prepared([Prepared(pixels, ids, top_k) for ids in id_lists])]
+        unknown = [self.words.unknown(q) if self.words is not None else [] for q in questions]
+        return self.run_prepared([Prepared(pixels, ids, top_k, u) for ids, u in zip(id_lists, unknown)])
 
     def answer_batch(self, images: list, questions: list[str], top_k: int = DEFAULT_TOP_K) -> list[dict[str, float]]:
         """Many (image, question) requests, e.g. from several users, in one forward pass.

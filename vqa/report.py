@@ -123,6 +123,13 @@ def write_report(out: str | Path, split: VQASplit, results: list[dict], metrics:
             lines += _table(header, [[t, type_counts[t], f"{v:.2f}"] for t, v in ranked[:SHOWN_TYPES]])
             lines += ["", f"Worst {SHOWN_TYPES}:", ""]
             lines += _table(header, [[t, type_counts[t], f"{v:.2f}"] for t, v in ranked[-SHOWN_TYPES:]])
+        if "perTemplate" in metrics:
+            template_counts = _counts(scored, "template")
+            lines += ["", "## Accuracy per template", "",
+                      "Each generator template (the `template` field of the annotations): which kinds of question "
+                      "are learned.", ""]
+            lines += _table(["template", "questions", "accuracy (%)"],
+                            [[t, template_counts[t], f"{v:.2f}"] for t, v in metrics["perTemplate"].items()])
         errors = frequent_errors(split, results, metrics)
         wrong = sum(1 for v in metrics["perQuestion"].values() if v == 0.0)
         lines += ["", "## Most frequent wrong answers", "",

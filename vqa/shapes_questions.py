@@ -401,21 +401,32 @@ def parse_question(text: str) -> tuple[Template, dict] | None:
     return None
 
 
+# Why a question has no true answer (`answer_or_reason`).
+NO_TEMPLATE = "no template"  # it matches none of the templates
+AMBIGUOUS = "ambiguous"  # it matches one, but presumes an object not unique in the scene, or a relation too close
+
+
+def answer_or_reason(scene: dict, question: str) -> tuple[str | None, str | None]:
+    """(the true answer, None), or (None, NO_TEMPLATE or AMBIGUOUS): see `true_answer`."""
+    parsed = parse_question(question)
+    if parsed is None:
+        return None, NO_TEMPLATE
+    template, slots = parsed
+    try:
+        return answer_text(execute(template.build(slots), scene)), None
+    except Ambiguous:
+        return None, AMBIGUOUS
+
+
 def true_answer(scene: dict, question: str) -> str | None:
     """The answer to a free question about a scene, if it is one of the template questions.
 
     None when the question matches no template (case, spaces and a final '?' do not
     matter; synonyms and spelling variants are accepted), or when it presumes an object
     that is not unique in the scene, or asks about a relation that the margin leaves open.
+    `answer_or_reason` says which.
     """
-    parsed = parse_question(question)
-    if parsed is None:
-        return None
-    template, slots = parsed
-    try:
-        return answer_text(execute(template.build(slots), scene))
-    except Ambiguous:
-        return None
+    return answer_or_reason(scene, question)[0]
 
 
 # -------------------------------------------------------------------------- generation

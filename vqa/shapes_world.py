@@ -40,15 +40,16 @@ from tqdm.auto import tqdm
 
 from .answers import HUMAN_ANSWERS
 from .errors import DataError, InputError
-from .shapes_questions import (ATTRIBUTES, RELATIONS, QuestionGenerator, suggest_questions,
+from .programs import program_nodes
+from .shapes_questions import (ALSO_ACCEPTED, ATTRIBUTES, RELATIONS, QuestionGenerator, suggest_questions,
                                true_answer)
 
 # The whole API here, question functions included, so that callers need one import.
 __all__ = ["WorldConfig", "random_scene", "render_scene", "object_mask", "compute_relationships", "scene_to_rows",
            "scene_from_rows", "suggest_questions", "true_answer", "generate_scenes", "write_split",
-           "split_files", "load_shapes_world", "cache_root", "COLORS", "SPLITS"]
+           "split_files", "builtin_scene_files", "load_shapes_world", "cache_root", "COLORS", "SPLITS"]
 
-GENERATOR_VERSION = 2  # part of the cache key: bump when a change alters the generated data
+GENERATOR_VERSION = 3  # part of the cache key: bump when a change alters the generated data
 # Image ids are unique across the splits (train 0.., val 1,000,000.., test 2,000,000..), so that a
 # run may read several splits' images through one index, as training does with train and val.
 SPLIT_ID_BASE = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -233,14 +234,20 @@ def _blank(cell) -> bool:
 
 
 def _whole_number(value, where: str) -> int:
+    shown = value.strip() if isinstance(value, str) else value  # the cell as typed, in messages
+    if _blank(value):
+        raise InputError(f"{where} is empty: give a whole number of pixels")
     if isinstance(value, str):
-        value = value.strip()
         try:
-            value = float(value)
+            value = float(shown)
         except ValueError:
-            raise InputError(f"{where} is {value!r}, not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise InputError(f"{where} is {value!r}, expected a whole number of pixels")
+            raise InputError(f"{where} is {shown!r}, not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where} is {shown!r}, expected a whole number of pixels")
+    if not math.isfinite(value):  # int() of them raises OverflowError ("inf") or ValueError ("nan")
+        raise InputError(f"{where} is {shown!r}, not a finite number")
+    if value != int(value):
+        raise InputError(f"{where} is {shown!r}, expected a whole number of pixels")
     return int(value)
 
 
@@ -250,6 +257,7 @@ def _object_from_row(row, number: int, config: WorldConfig) -> dict:
     obj = {}
     for kind, value in zip(ROW_FIELDS[:4], row):
         text = str(value).strip().lower() if value is not None else ""
+        text = ALSO_ACCEPTED.get(text, text)  # the spellings questions accept: "grey", "cube", ...
         if text not in ATTRIBUTES[kind]:
             raise InputError(f"row {number}: {kind} {value!r} is not one of {', '.join(ATTRIBUTES[kind])}")
         obj[kind] = text
@@ -267,8 +275,9 @@ def _object_from_row(row, number: int, config: WorldConfig) -> dict:
 def scene_from_rows(rows, config: WorldConfig | None = None) -> dict:
     """A scene from a table of rows (shape, color, size, material, x, y), as `scene_to_rows` gives.
 
-    rows: lists, or a pandas DataFrame or numpy array of them. Text is case-insensitive;
-    x, y are pixel centres (numbers or numeric text). Rows left wholly empty are skipped.
+    rows: lists, or a pandas DataFrame or numpy array of them. Text is case-insensitive and
+    takes the spellings questions take ("grey", "cube"); x, y are pixel centres (finite
+    numbers or numeric text). Rows left wholly empty are skipped.
     Raises InputError naming the row (1-based) and field at fault, or the two rows whose
     objects overlap. Pairs closer than the relation margin are allowed: relation questions
     about them have no answer (`true_answer` gives None).
@@ -327,7 +336,7 @@ def _make_chunk(job: tuple) -> list[tuple[dict, list[dict]]]:
         # compress_level 1: a third of the time of the default 6, files 5% larger (the noise does not compress).
         render_scene(scene, config).save(Path(image_dir) / scene["image_filename"], compress_level=1)
         for q in questions:
-            del q["program"]  # not written; only costs pickling back to the parent
+            q["program"] = program_nodes(q["program"])  # CLEVR's node list, as the annotations store it
     return chunk
 
 
@@ -340,7 +349,79 @@ def _human_answers(answer: str) -> list[dict]:
 def _annotation(question_id: int, image_id: int, q: dict) -> dict:
     return {"question_id": question_id, "image_id": image_id, "question_type": q["family"],
             "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
-            "answers": _human_answers(q["answer"]), "relation": q["relation"], "template": q["template"]}
+            "answers": _human_answers(q["answer"]), "relation": q["relation"], "template": q["template"],
+            "program": q["program"]}
+
+
+# Bytes a scene takes on disk, measured on 100-scene splits (write_split, seed 0): the PNGs take
+# 1.18 bytes per pixel at 64 px, 1.06 at 128, 1.01 at 224 (the noise barely compresses), each
+# rounded up to 4 KiB blocks; the JSON files 1.1 KB per scene plus 1.42 KB per question.
+PNG_BYTES_PER_PIXEL = 1.2
+DISK_BLOCK = 4096
+SCENE_JSON_BYTES = 1200
+QUESTION_JSON_BYTES = 1500
+
+
+def estimated_bytes(num_scenes: int, config: WorldConfig) -> int:
+    """What `write_split` will write for num_scenes scenes, rounded up (see PNG_BYTES_PER_PIXEL)."""
+    png = math.ceil(PNG_BYTES_PER_PIXEL * config.image_size ** 2 / DISK_BLOCK) * DISK_BLOCK
+    return num_scenes * (png + SCENE_JSON_BYTES + QUESTION_JSON_BYTES * config.questions_per_scene)
+
+
+def _size_text(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def _check_output(out_dir: Path, num_scenes: int, config: WorldConfig) -> None:
+    """DataError, before anything is written, when out_dir cannot be a folder or the disk is too small."""
+    if isinstance(num_scenes, bool) or not isinstance(num_scenes, int) or num_scenes < 1:
+        raise DataError(f"num_scenes must be a whole number of at least 1, not {num_scenes!r}")
+    existing = out_dir
+    while not existing.exists():  # the nearest folder there is: disk_usage needs one
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"cannot write to {out_dir}: {existing} is a file, not a folder")
+    needed, free = estimated_bytes(num_scenes, config), shutil.disk_usage(existing).free
+    if needed > free:
+        raise DataError(f"{num_scenes} scenes of {config.image_size} px with {config.questions_per_scene} "
+                        f"questions each need about {_size_text(needed)}, but {existing} has "
+                        f"{_size_text(free)} free: write fewer scenes or elsewhere")
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """source's entries into the folder target, each replacing its namesake: sub-folders first, files
+    last, so that the JSON files, which say a split is there, come after the images they list. A
+    missing target is one rename."""
+    if not target.exists():
+        source.rename(target)
+        return
+    for entry in sorted(source.iterdir(), key=lambda p: not p.is_dir()):
+        if entry.is_dir():
+            _move_into(entry, target / entry.name)
+        else:
+            os.replace(entry, target / entry.name)
+
+
+@contextlib.contextmanager
+def _staged(final: Path):
+    """A new temporary folder to write into, moved into `final` (see `_move_into`) when the block
+    ends without error and removed whatever happens: an error or Ctrl-C never leaves half a split.
+
+    It is made inside `final` when that exists (a mount point's parent is another disk, where
+    renames fail), else beside it."""
+    final = final.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = (final if final.is_dir() else final.parent) / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        _move_into(temporary, final)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_split(out_dir: str | Path, split: str, num_scenes: int, seed: int = 0, questions_per_scene: int = 10,
@@ -350,8 +431,20 @@ def write_split(out_dir: str | Path, split: str, num_scenes: int, seed: int = 0,
     params: WorldConfig's scene fields (image_size, min_objects, max_objects, small_radius,
     large_radius, relation_margin). workers: processes (default: the CPUs this process may
     use); the output does not depend on it. Question ids are image_id * 1000 + k.
+    The files are written in a temporary folder, then moved into out_dir (other splits there
+    stay); DataError first when out_dir cannot be a folder or the disk is too small.
     """
     config = WorldConfig(questions_per_scene=questions_per_scene, seed=seed, **params)
+    out_dir = Path(out_dir)
+    _check_output(out_dir, num_scenes, config)
+    with _staged(out_dir) as temporary:
+        _write_split(temporary, split, num_scenes, config, progress, workers)
+    return split_files(out_dir, split)
+
+
+def _write_split(out_dir: Path, split: str, num_scenes: int, config: WorldConfig, progress: bool,
+                 workers: int | None) -> None:
+    seed, questions_per_scene = config.seed, config.questions_per_scene
     paths = split_files(out_dir, split)
     paths["images"].mkdir(parents=True, exist_ok=True)
     jobs = [(paths["images"], split, seed, config, start, min(start + CHUNK_SCENES, num_scenes))
@@ -376,7 +469,6 @@ def write_split(out_dir: str | Path, split: str, num_scenes: int, seed: int = 0,
     _write_json(paths["questions"], {**common, "task_type": "Open-Ended", "questions": questions})
     _write_json(paths["annotations"], {**common, "annotations": annotations})
     _write_json(paths["scenes"], {"info": info, "scenes": scenes})
-    return paths
 
 
 def _write_json(path: Path, data) -> None:
@@ -389,6 +481,13 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get("VQA_CACHE_DIR", "~/.cache/vqa-demo")).expanduser() / "shapes-world"
+
+
+def builtin_scene_files(split: str, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """(scenes JSON, image folder) of a built-in split, generated first if needed."""
+    folder = load_shapes_world(split, cache_dir, progress=False).image_dir.parent
+    files = split_files(folder, split)
+    return files["scenes"], files["images"]
 
 
 def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> "VQASplit":
@@ -412,19 +511,11 @@ def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress:
     root = cache_root(cache_dir)
     folder = root / f"{split}-{key}"
     if not folder.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        temporary = root / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        try:
+        # Another process finishing the same folder first is fine: its files are these, byte for byte.
+        with _staged(folder) as temporary:
             write_split(temporary, split, num_scenes, config.seed, config.questions_per_scene, progress=progress,
                         **config.scene_params)
             (temporary / "config.json").write_text(json.dumps({**asdict(config), **key_fields}, indent=1))
-            temporary.rename(folder)
-        except OSError:
-            if not folder.is_dir():  # another process finishing first is fine; anything else is not
-                raise
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
     # Here, not at the top: vqa.data imports torch and torchvision (4 s, 800 MB), which
     # generating a world, in this process or in its workers, does not need.
     from .data import load_vqa_split

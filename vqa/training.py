@@ -6,13 +6,14 @@ what is VQA-specific: image-grouped batches, the VQA accuracy for choosing the b
 epoch, answer-vocabulary extension for fine-tuning, the model card and the curves.
 """
 
+import functools
 import json
 import shlex
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .answers import build_answer_vocabulary
 from .checkpoint import load_checkpoint, render_card, save_checkpoint
-from .config import VQAConfig, option
+from .config import VQAConfig, check_options, option
 from .data import (BUILTIN_DATASETS, ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit,
                    load_builtin, load_vqa_split, screen_images, split_by_image)
 from .errors import DataError
@@ -31,6 +32,7 @@ from .evaluation import predict_split
 from .extraction import extract_features
 from .metrics import blind_baseline, evaluate_results
 from .model import VQAModel, architecture
+from .programs import side_target_vocabulary
 from .reliability import fit_reliability
 from .text import TOKENIZER_FILE, QuestionTokenizer
 
@@ -54,28 +56,32 @@ class TrainOptions:
     test_images: str | None = option(None, "image folder of the test split")
     pretrained: bool = option(False, "start the backbone from ImageNet weights in the local timm/Hugging Face cache")
     backbone_weights: str | None = option(None, "start the backbone from this .safetensors weights file")
-    top_answers: int = option(3129, "answer vocabulary: the most frequent normalised answers")
-    tokenizer_vocab: int = option(4000, "SentencePiece vocabulary size (fewer when the questions have fewer pieces)")
-    epochs: float = option(10, "training epochs")
-    batch_size: int = option(128, "questions per step and process")
-    learning_rate: float = option(1e-3, "peak learning rate of the heads (cosine schedule with warm-up)")
+    top_answers: int = option(3129, "answer vocabulary: the most frequent normalised answers", low=1, high=100_000)
+    tokenizer_vocab: int = option(4000, "SentencePiece vocabulary size (fewer when the questions have fewer pieces)",
+                                  low=8, high=1_000_000)
+    epochs: float = option(10, "training epochs", above=0, high=100_000)
+    batch_size: int = option(128, "questions per step and process", low=1, high=1_000_000)
+    learning_rate: float = option(1e-3, "peak learning rate of the heads (cosine schedule with warm-up)",
+                                  above=0, high=10)
     backbone_learning_rate: float | None = option(
-        None, "learning rate of the CNN (default: --learning-rate); a CNN trained from scratch wants less")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.05, "fraction of the steps spent warming up the learning rate")
-    max_grad_norm: float = option(5.0, "gradient clipping norm")
-    val_fraction: float = option(0.1, "fraction of the training images held out for validation (no val split)")
+        None, "learning rate of the CNN (default: --learning-rate); a CNN trained from scratch wants less",
+        low=0, high=10)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0, high=10)
+    warmup_ratio: float = option(0.05, "fraction of the steps spent warming up the learning rate", low=0, high=0.99)
+    max_grad_norm: float = option(5.0, "gradient clipping norm", above=0)
+    val_fraction: float = option(0.1, "fraction of the training images held out for validation (no val split)",
+                                 above=0, high=0.9)
     seed: int = option(0, "seed of initialisation, split and batch order")
     init_from: str | None = option(None, "fine-tune this checkpoint: keep its tokenizer and answers, add new ones")
     resume: bool = option(False, "continue from the last complete checkpoint in OUTPUT_DIR.trainer")
-    num_workers: int = option(0, "data loading processes")
+    num_workers: int = option(0, "data loading processes", low=0, high=256)
     feature_cache: str | None = option(None, "feature cache folder (frozen backbone); default OUTPUT_DIR.features")
-    max_train_questions: int | None = option(None, "use only this many training questions (a quick run)")
+    max_train_questions: int | None = option(None, "use only this many training questions (a quick run)", low=1)
     skip_bad_images: bool = option(False, "drop unreadable images (listed in OUTPUT_DIR/skipped_images.json) "
                                           "instead of stopping before the first step")
     allow_nonstandard_answers: bool = option(False, "accept questions with other than 10 human answers")
     save_half: bool = option(False, "store the final weights in float16 (half the size)")
-    logging_steps: int = option(20, "steps between loss logs")
+    logging_steps: int = option(20, "steps between loss logs", low=1)
 
 
 def run_command(argv: list[str]) -> str:
@@ -121,14 +127,21 @@ def extend_answers(model: VQAModel, answers: list[str]) -> VQAModel:
     return model
 
 
-def vqa_accuracy_metric(eval_pred) -> dict[str, float]:
+def vqa_accuracy_metric(eval_pred, families: list[str] | None = None) -> dict[str, float]:
     """Mean target score of the top answer. Targets are `answers.vqa_accuracy` of each
-    answer, so this is the official VQA accuracy of the predictions, in percent."""
+    answer, so this is the official VQA accuracy of the predictions, in percent; with the
+    question type of each row (`families`), also per type as `vqa_accuracy_<type>`."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
     top = np.asarray(logits).argmax(-1)
-    return {"vqa_accuracy": float(100.0 * np.asarray(labels)[np.arange(len(top)), top].mean())}
+    scores = np.asarray(labels)[np.arange(len(top)), top]
+    metrics = {"vqa_accuracy": float(100.0 * scores.mean())}
+    if families is not None and len(families) == len(scores):
+        kinds = np.asarray(families)
+        for family in sorted(set(families)):
+            metrics[f"vqa_accuracy_{family}"] = float(100.0 * scores[kinds == family].mean())
+    return metrics
 
 
 def last_complete_checkpoint(work: Path) -> Path | None:
@@ -195,6 +208,7 @@ class VQATrainer(Trainer):
 
 
 def plot_curves(log_history: list[dict], path: Path) -> Path:
+    """Loss, validation accuracy, and validation accuracy per question type (what was learned when)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +217,10 @@ def plot_curves(log_history: list[dict], path: Path) -> Path:
     train = [(h["epoch"], h["loss"]) for h in log_history if "loss" in h]
     val_loss = [(h["epoch"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     val_acc = [(h["epoch"], h["eval_vqa_accuracy"]) for h in log_history if "eval_vqa_accuracy" in h]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    prefix = "eval_vqa_accuracy_"
+    families = sorted({k[len(prefix):] for h in log_history for k in h if k.startswith(prefix)})
+    fig, axes = plt.subplots(1, 3 if families else 2, figsize=(15 if families else 10, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
     if train:
         ax_loss.plot(*zip(*train), label="train")
     if val_loss:
@@ -214,6 +231,13 @@ def plot_curves(log_history: list[dict], path: Path) -> Path:
         ax_acc.plot(*zip(*val_acc), "o-", color="tab:green")
     ax_acc.set(xlabel="epoch", ylabel="VQA accuracy (%)", title="Validation accuracy")
     ax_acc.grid(alpha=0.3)
+    if families:
+        for family in families:
+            points = [(h["epoch"], h[prefix + family]) for h in log_history if prefix + family in h]
+            axes[2].plot(*zip(*points), ".-", label=family)
+        axes[2].set(xlabel="epoch", ylabel="VQA accuracy (%)", title="Validation accuracy per question type")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -257,8 +281,9 @@ def build_model(options: TrainOptions, model_options: dict, train: VQASplit, wor
     else:
         tokenizer = QuestionTokenizer.train((r["question"] for r in train.records), options.tokenizer_vocab)
     tokenizer.save(work)  # a resumed run needs the same pieces
+    side = side_target_vocabulary(train.records) if model_options.get("side_loss_weight") else None
     config = VQAConfig(**model_options, vocab_size=len(tokenizer), id2label=dict(enumerate(answers)),
-                       label2id={a: i for i, a in enumerate(answers)})
+                       label2id={a: i for i, a in enumerate(answers)}, side_targets=side)
     return VQAModel(config, pretrained_backbone=options.backbone_weights or options.pretrained), tokenizer
 
 
@@ -349,6 +374,9 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
 
     `model_options`: VQAConfig fields (sizes, backbone, attention), ignored when fine-tuning.
     """
+    # Every setting is checked before any data is read: a bad flag costs a second, not a run.
+    check_options(vars(options), fields(TrainOptions))
+    check_options(model_options or {}, fields(VQAConfig))
     run = build_run(options, model_options or {}, argv if argv is not None else sys.argv)
     trainer = fit(run)
     facts = measure(run, trainer)
@@ -388,11 +416,14 @@ def fit(run: Run) -> Trainer:
         raise DataError(f"{len(run.train.records)} training questions, fewer than one batch of {batch} "
                         "(--batch-size times processes): lower --batch-size or give more data")
     stop = StopOnSignal()
+    side = model.config.side_targets if model.config.side_loss_weight else None
+    val = QuestionDataset(run.val, run.tokenizer, answer_index, max_tokens, side)
+    families = [r.get("question_type", "") for r in val.records]
     trainer = VQATrainer(
         model=model, args=args,
-        train_dataset=QuestionDataset(run.train, run.tokenizer, answer_index, max_tokens),
-        eval_dataset=QuestionDataset(run.val, run.tokenizer, answer_index, max_tokens),
-        data_collator=VQACollator(run.sources["train"], len(answer_index)), compute_metrics=vqa_accuracy_metric,
+        train_dataset=QuestionDataset(run.train, run.tokenizer, answer_index, max_tokens, side),
+        eval_dataset=val, data_collator=VQACollator(run.sources["train"], len(answer_index), len(side or ())),
+        compute_metrics=functools.partial(vqa_accuracy_metric, families=families),
         callbacks=[stop, run.clock], optimizers=(optimizer_for(model, options), None),
     )
     trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
@@ -432,14 +463,29 @@ def measure(run: Run, trainer: Trainer) -> dict:
         facts.update({"test_questions": len(test.records), "test_accuracy": scores["overall"],
                       "test_accuracy_per_answer_type": scores["perAnswerType"],
                       "test_accuracy_per_question_type": scores["perQuestionType"]})
+        if "perTemplate" in scores:
+            facts["test_accuracy_per_template"] = scores["perTemplate"]
         blind = blind_baseline(run.train.records, test.records)
         facts["blind_test_accuracy"] = blind["overall"]
         facts["blind_test_accuracy_per_question_type"] = blind["per_family"]
         if any("relation" in r for r in test.records):  # spatial-relation questions, where pooling fails
             facts["test_accuracy_relation_questions"] = subset_accuracy(scores, test, lambda r: r.get("relation"))
+    stage1 = stage1_facts(options.backbone_weights)
+    if stage1:
+        facts["stage1"] = stage1
     facts.update({"epochs": options.epochs, "seed": options.seed, "init_from": options.init_from,
                   "training_time_s": round(run.clock.total()), "command": run.clock.command})
     return facts
+
+
+def stage1_facts(backbone_weights: str | None) -> dict | None:
+    """What the stage-1 encoder's card says (vqa/scene_encoder.py writes encoder.json beside its
+    weights): its command, seed, time and held-out accuracy, for this model's card."""
+    settings = Path(backbone_weights).with_name("encoder.json") if backbone_weights else None
+    if settings is None or not settings.is_file():
+        return None
+    facts = json.loads(settings.read_text())
+    return {k: facts[k] for k in ("command", "seed", "training_time_s", "val_accuracy", "train_scenes") if k in facts}
 
 
 def save_run(run: Run, trainer: Trainer, facts: dict) -> Path:
@@ -482,10 +528,21 @@ def model_card_body(facts: dict, config: VQAConfig) -> str:
         lines += _accuracy_table("answer type", facts["test_accuracy_per_answer_type"])
         lines += _accuracy_table("question type", facts["test_accuracy_per_question_type"],
                                  facts.get("blind_test_accuracy_per_question_type"))
+    if "test_accuracy_per_template" in facts:
+        lines += _accuracy_table("template", facts["test_accuracy_per_template"])
     if "blind_test_accuracy" in facts:
         lines.append(f"\nQuestion-only baseline (most frequent training answer of the same question text): "
                      f"{facts['blind_test_accuracy']} % overall.")
     if "test_accuracy_relation_questions" in facts:
         lines.append(f"Questions with a spatial relation: {facts['test_accuracy_relation_questions']} %.")
-    lines += ["", "Reproduce with:", "", "```", facts["command"], "```", "", "![training curves](training_curves.png)"]
+    if "stage1" in facts:
+        stage1 = facts["stage1"]
+        held_out = ", ".join(f"{k} {v:.2f} %" for k, v in stage1.get("val_accuracy", {}).items())
+        lines += ["", "Two stages: the CNN first learned the scenes' objects from their graphs (stage 1, "
+                  f"{stage1.get('training_time_s')} s, seed {stage1.get('seed')}; held out: {held_out}), "
+                  "then stayed frozen while the question side trained on its cached maps (stage 2).", "",
+                  "Reproduce with stage 1, then stage 2:", "", "```", stage1.get("command", ""), facts["command"], "```"]
+    else:
+        lines += ["", "Reproduce with:", "", "```", facts["command"], "```"]
+    lines += ["", "![training curves](training_curves.png)"]
     return "\n".join(lines)
