@@ -4,7 +4,7 @@
     python benchmarks/bench_stage2.py --threads 2 --batch-size 256
 
 A training step of the real VQAModel (the shipped shapes-world sizes: embedding 64, 2 x 256
-LSTM, common 512, classifier 512, 3 hops of 2 sigmoid glimpses with coordinates, side loss)
+LSTM, common 512, classifier 512, 2 hops of 2 glimpses with coordinates, word path, side loss)
 on a batch as the shapes world gives it: 128 questions of 13 pieces on 13 images (10
 questions each), each image a cached 512 x 8 x 8 map. Timed: the whole step (forward,
 backward, AdamW), and the question encoder alone (embedding + LSTM + projection, forward and
@@ -22,8 +22,8 @@ from vqa.model import VQAModel
 
 
 def make_model(hidden: int, glimpses: int) -> VQAModel:
-    attention = dict(attention_glimpses=glimpses, attention_coords=True, attention_hops=3,
-                     attention_activation="sigmoid") if glimpses else {}
+    attention = dict(attention_glimpses=glimpses, attention_coords=True, attention_hops=2,
+                     question_word_path=True) if glimpses else {}
     config = VQAConfig(backbone="resnet10t", output_stride=16, freeze_backbone=True, embed_dim=64,
                        lstm_hidden=hidden, common_dim=512, classifier_hidden=512, dropout=0.0, vocab_size=300,
                        id2label={i: str(i) for i in range(40)}, label2id={str(i): i for i in range(40)},

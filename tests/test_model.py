@@ -321,14 +321,14 @@ def test_output_stride_keeps_a_finer_map():
     assert coarse.shape[2:] == (2, 2) and fine.shape[2:] == (8, 8)
 
 
-# The levers of "models that learn their world": coordinates, hops, sigmoid glimpses, side loss.
+# The levers of "models that learn their world": coordinates, hops, the word path, the side loss.
 
 def test_levers_off_are_the_one_hop_model_bit_for_bit(attention_model):
-    """Coordinates off, one hop, softmax and no side loss, said explicitly, build the same
+    """Coordinates off, one hop, no word path and no side loss, said explicitly, build the same
     parameters and give the same logits, bit for bit, as the attention model without them;
     the one hop is the formula written out by hand, as the model computed it before hops."""
     explicit = make_model(image_size=64, attention_glimpses=2, output_stride=8, attention_coords=False,
-                          attention_hops=1, attention_activation="softmax", side_loss_weight=0.0)
+                          attention_hops=1, question_word_path=False, side_loss_weight=0.0)
     assert list(explicit.state_dict()) == list(attention_model.state_dict())
     assert explicit.side_head is None
     inputs = batch(size=64)
@@ -381,19 +381,6 @@ def test_each_hop_asks_with_the_question_times_the_last_hops_image_vector():
     assert "3 hops of 2-glimpse" in architecture(model.config)
 
 
-def test_sigmoid_glimpses_keep_how_many_locations_matched():
-    model = make_model(image_size=64, attention_glimpses=1, output_stride=8, attention_activation="sigmoid")
-    attention = model.image_encoder.attention
-    with torch.no_grad():
-        attention.locations.weight.zero_()
-        attention.locations.bias.fill_(1.0)  # every location's key is the same
-        grid = torch.zeros(1, 64, model.config.image_feature_dim)
-        weights = attention(grid, torch.ones(1, 32), torch.tensor([0]))
-    # Softmax would give 1/64 each; sigmoid weighs each location alone, so the weights sum to 64 x one.
-    torch.testing.assert_close(weights.sum(), 64 * weights[0, 0, 0])
-    assert 0 < weights[0, 0, 0] < 1 and not torch.isclose(weights.sum(), torch.tensor(1.0))
-
-
 def test_the_side_loss_trains_the_question_vector_and_changes_no_answer():
     targets = ["ref0.color=red", "fn=count", "fn=exist"]
     plain = make_model(seed=3)
@@ -410,3 +397,22 @@ def test_the_side_loss_trains_the_question_vector_and_changes_no_answer():
         bce = F.binary_cross_entropy_with_logits(side.side_head(questions), side_labels, reduction="sum") / 7
         torch.testing.assert_close(out.loss, answer_loss + 0.5 * bce)
     assert side.side_head.out_features == 3 and plain.side_head is None
+
+
+def test_the_word_path_adds_the_mean_word_embedding_and_is_absent_when_off(model):
+    assert model.question_encoder.words is None and not any(".words." in k for k in model.state_dict())
+    worded = make_model(question_word_path=True)
+    encoder = worded.question_encoder
+    inputs = batch()
+    ids, lengths = inputs["input_ids"], inputs["lengths"]
+    with torch.no_grad():
+        expected = []
+        for row, n in zip(ids, lengths):
+            _, (h, c) = encoder.lstm(torch.tanh(encoder.embed(row[None, :n])))
+            state = torch.cat([h, c], dim=0).transpose(0, 1).flatten(1)
+            expected.append(torch.tanh(encoder.project(state) + encoder.words(encoder.embed(row[:n]).mean(0))))
+        torch.testing.assert_close(worded.question_vectors(ids, lengths), torch.cat(expected), rtol=1e-5, atol=1e-6)
+        # Padding changes nothing: the mean is over the question's own pieces.
+        padded = torch.cat([ids, torch.zeros(7, 5, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(worded.question_vectors(padded, lengths), worded.question_vectors(ids, lengths))
+    assert "with a word-level path" in architecture(worded.config)

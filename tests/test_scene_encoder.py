@@ -108,3 +108,28 @@ def test_an_encoder_has_one_output_per_target(tmp_path):
     presence, offset, values = encoder.predict(torch.zeros(2, 3, 64, 64))
     assert presence.shape == (2, 8, 8) and offset.shape == (2, 2, 8, 8)
     assert [v.shape[1] for v in values] == [2, 2]
+
+
+def test_the_stage2_cache_holds_the_frozen_encoders_maps(trained_encoder, tiny_world, tmp_path):
+    """Stage 2 caches the maps of the stage-1 CNN once; the cached rows are the maps it would
+    compute on the fly (float16 on disk), and the model answers the same from either."""
+    from vqa.extraction import extract_features
+    from vqa.images import open_image
+
+    out, _ = trained_encoder
+    config = tiny_config(["yes", "no"], 20, output_stride=8, attention_glimpses=2, freeze_backbone=True,
+                         attention_coords=True)
+    model = VQAModel(config, pretrained_backbone=str(out / ENCODER_WEIGHTS)).eval()
+    images = sorted(tiny_world[0]["images"].iterdir())[:6]
+    paths = {i: path for i, path in enumerate(images)}
+    cache = extract_features(model, paths, tmp_path / "cache", progress=False)
+    transform = model.image_transform()
+    with torch.no_grad():
+        live = model.image_features(torch.stack([transform(open_image(p)) for p in images]))
+    cached = cache.get(list(paths))
+    assert cached.shape == live.shape == (6, model.config.image_feature_dim, 8, 8)
+    torch.testing.assert_close(cached, live.half().float())
+    questions = torch.randn(6, 32).tanh()
+    with torch.no_grad():
+        torch.testing.assert_close(model.answer_logits(cached, questions, torch.arange(6)),
+                                   model.answer_logits(live, questions, torch.arange(6)), atol=2e-3, rtol=1e-3)

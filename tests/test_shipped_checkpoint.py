@@ -52,8 +52,18 @@ def test_the_shapes_world_models_beat_the_question_only_baseline(shipped):
     folder, _, _, card, _, metrics = shipped
     if "blind_test_accuracy" not in card:
         pytest.skip(f"{folder.name} has no question-only baseline in its card")
-    # Measured: 43.9 and 44.2 % against the question-only 36.6 % (3 and 4 epochs from scratch on 2 cores).
+    # Two-stage training (the CNN on the scenes' graphs, then the question side) is well above
+    # the question-only baseline; from scratch in the same time it was 7 points above.
     assert metrics["overall"] > card["blind_test_accuracy"] + 5
+
+
+def test_the_card_states_the_accuracy_per_template_measured_again(shipped):
+    folder, _, _, card, _, metrics = shipped
+    if "test_accuracy_per_template" not in card:
+        pytest.skip(f"{folder.name}'s data has no templates")
+    assert card["test_accuracy_per_template"].keys() == metrics["perTemplate"].keys()
+    for template, value in card["test_accuracy_per_template"].items():
+        assert metrics["perTemplate"][template] == pytest.approx(value, abs=0.01), template
 
 
 def test_the_answer_threshold_is_what_validation_gives(shipped):

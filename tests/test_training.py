@@ -257,7 +257,6 @@ def _train_script():
 @pytest.mark.parametrize("args, message", [
     (["--attention-glimpses", "-1"], "--attention-glimpses must be at least 0 and at most 16, not -1"),
     (["--attention-hops", "0"], "--attention-hops must be at least 1 and at most 8, not 0"),
-    (["--attention-activation", "relu"], "--attention-activation must be one of softmax, sigmoid, not 'relu'"),
     (["--output-stride", "7"], "--output-stride must be one of 8, 16, 32, not 7"),
     (["--batch-size", "0"], "--batch-size must be at least 1 and at most 1000000, not 0"),
     (["--lstm-layers", "0"], "--lstm-layers must be at least 1 and at most 8, not 0"),

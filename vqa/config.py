@@ -91,10 +91,6 @@ class VQAConfig(PretrainedConfig):
     attention_hops: int = option(
         1, "stacked attention (Yang et al. 2016): hop k's query is the question vector (x) hop k-1's "
            "attended image vector", low=1, high=8)
-    attention_activation: str = option(
-        "softmax", "'softmax': each glimpse's weights sum to 1; 'sigmoid': each location weighted in (0, 1), "
-                   "so the attended sum keeps how many things matched (counting, Zhang et al. 2018)",
-        choices=("softmax", "sigmoid"))
     question_word_path: bool = option(
         False, "add the mean of the question's word embeddings, projected, to the LSTM's question vector "
                "(a word-level path beside the LSTM state)")

@@ -81,37 +81,27 @@ def normalise(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1) * features.shape[-1] ** 0.5
 
 
-SIGMOID_START = -4.0
-
-
 class QuestionGuidedAttention(nn.Module):
-    """Where to look, per question: G maps over the CNN's locations.
+    """Where to look, per question: G softmax maps over the CNN's locations.
 
     Each location's feature and the query meet in the common space by elementwise product
     (the fusion the whole model uses), and a Linear gives one score per glimpse (Kazemi &
-    Elqursh 2017, "Show, Ask, Attend, and Answer", with product instead of concat). Softmax
-    weights sum to 1 per glimpse; sigmoid weights do not, so the attended sum still says how
-    many locations matched, which a softmax normalises away (Zhang et al. 2018, "Learning to
-    Count Objects in Natural Images for Visual Question Answering").
+    Elqursh 2017, "Show, Ask, Attend, and Answer", with product instead of concat).
+    Sigmoid weights, whose sum would keep a count (Zhang et al. 2018), were tried on the shapes
+    world and collapsed within 5 epochs to maps of all zeros or all ones: softmax it is.
     """
 
-    def __init__(self, feature_dim: int, common_dim: int, glimpses: int, dropout: float,
-                 activation: str = "softmax"):
+    def __init__(self, feature_dim: int, common_dim: int, glimpses: int, dropout: float):
         super().__init__()
         self.locations = nn.Linear(feature_dim, common_dim)
         self.dropout = nn.Dropout(dropout)
         self.scores = nn.Linear(common_dim, glimpses)
-        self.activation = activation
-        if activation == "sigmoid":
-            # Start near 1/55 per location (sigmoid(-4)): over an 8x8 map the weights then sum to
-            # about 1, as a softmax's do, instead of 32 locations' worth that saturates the tanh.
-            nn.init.constant_(self.scores.bias, SIGMOID_START)
 
     def forward(self, grid: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-        """grid (N, L, F) normalised features, question (B, C) -> weights (B, L, G)."""
+        """grid (N, L, F) normalised features, question (B, C) -> weights (B, L, G), each glimpse summing to 1."""
         keys = torch.tanh(self.locations(grid))  # (N, L, C): once per image, not per question
         scores = self.scores(self.dropout(keys[image_index] * question[:, None]))  # (B, L, G)
-        return scores.sigmoid() if self.activation == "sigmoid" else scores.softmax(dim=1)
+        return scores.softmax(dim=1)
 
 
 def location_coordinates(height: int, width: int, device=None) -> torch.Tensor:
@@ -151,8 +141,7 @@ class ImageEncoder(nn.Module):
 
     @staticmethod
     def _attention_layer(location_dim: int, config: VQAConfig) -> QuestionGuidedAttention:
-        return QuestionGuidedAttention(location_dim, config.common_dim, config.attention_glimpses, config.dropout,
-                                       config.attention_activation)
+        return QuestionGuidedAttention(location_dim, config.common_dim, config.attention_glimpses, config.dropout)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the CNN gives, and what the feature cache stores: pooled (N, F), or with
@@ -221,7 +210,9 @@ class QuestionEncoder(nn.Module):
         state = torch.cat([h, c], dim=0).transpose(0, 1).flatten(1)  # (B, 2LH)
         vector = self.project(state)
         if self.words is not None:
-            vector = vector + self.words(pieces.sum(1) / lengths.clamp(min=1)[:, None].to(pieces.dtype))
+            kept = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < lengths[:, None].to(input_ids.device)
+            mean = (pieces * kept[..., None]).sum(1) / kept.sum(1, keepdim=True).clamp(min=1)  # (B, E)
+            vector = vector + self.words(mean)
         return torch.tanh(vector)  # (B, C)
 
 
@@ -329,9 +320,8 @@ def architecture(config: VQAConfig) -> str:
     image = f"{config.backbone} CNN"
     if config.attention_glimpses:
         hops = f"{config.attention_hops} hops of " if config.attention_hops > 1 else ""
-        kind = ", sigmoid" if config.attention_activation == "sigmoid" else ""
         coords = " with coordinates" if config.attention_coords else ""
-        image += f" with {hops}{config.attention_glimpses}-glimpse question-guided attention{kind}{coords}"
+        image += f" with {hops}{config.attention_glimpses}-glimpse question-guided attention{coords}"
     words = " with a word-level path" if config.question_word_path else ""
     return (f"{image} + {config.lstm_layers}-layer LSTM ({config.lstm_hidden} units){words}, "
             f"fused by elementwise product in {config.common_dim} dimensions")
