@@ -198,17 +198,17 @@ def test_a_merge_killed_before_its_index_is_written_completes_when_run_again(tmp
     meta = {"backbone": "made-up", "feature_shape": [6]}
     write_cache(tmp_path / "cache", {i: rows[i] for i in IDS[:3]})
     write_shards(tmp_path / "cache", [IDS[3::2], IDS[4::2]], rows)
-    real_write = feature_cache_module._atomic_write_text
+    real_write = feature_cache_module.atomic_write_text
 
     def killed_at_the_index(path, text):
         if path == tmp_path / "cache" / INDEX_FILE:
             raise KeyboardInterrupt
         real_write(path, text)
 
-    monkeypatch.setattr(feature_cache_module, "_atomic_write_text", killed_at_the_index)
+    monkeypatch.setattr(feature_cache_module, "atomic_write_text", killed_at_the_index)
     with pytest.raises(KeyboardInterrupt):
         merge_shards(tmp_path / "cache", meta)
-    monkeypatch.setattr(feature_cache_module, "_atomic_write_text", real_write)
+    monkeypatch.setattr(feature_cache_module, "atomic_write_text", real_write)
     # The new array is in place but the old index still names the old rows, which kept their places.
     old = FeatureCache(tmp_path / "cache")
     assert len(old) == 3 and old.features.shape[0] == 7

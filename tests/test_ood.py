@@ -1,6 +1,7 @@
 """vqa/ood.py (the feature-space OOD detector) and benchmarks/ood_sets.py (the OOD image sets)."""
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -163,6 +164,25 @@ def test_save_load_round_trip(fitted, tmp_path):
         np.testing.assert_array_equal(loaded.score(features), density.score(features))
     assert loaded.threshold == density.threshold
     np.testing.assert_array_equal(loaded.flag(test), density.flag(test))
+
+
+def _save_repeatedly(density, folder, times):
+    for _ in range(times):
+        density.save(folder)
+
+
+def test_processes_saving_into_one_folder_never_share_a_temporary_file(fitted, tmp_path):
+    """torchrun's two ranks once saved the detector at once through one `ood.safetensors.tmp`, and
+    one renamed the file away under the other: with that name this test failed 4 runs in 4."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_save_repeatedly, args=(fitted[0], tmp_path, 300)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [META_FILE, TENSORS_FILE]  # no temporary file left
+    assert FeatureDensity.load(tmp_path).threshold == fitted[0].threshold
 
 
 def test_load_absent_and_half_present(fitted, tmp_path):

@@ -169,6 +169,41 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, data):
     assert state["global_step"] < state["max_steps"]
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_after_training_lets_the_final_save_finish_a_second_stops_it(tmp_path, data, monkeypatch, capsys,
+                                                                              signals):
+    """Training is over when the reliability files are fitted: one SIGTERM there says at once that
+    the final save is finishing and lets it finish; a second stops at once, and the Trainer's last
+    checkpoint, of the last step, stays for --resume. In-process: the signals arrive at a known point."""
+    import vqa.training
+
+    fit_reliability, notices = vqa.training.fit_reliability, []
+
+    def signalled(*args, **kwargs):
+        for _ in range(signals):
+            signal.raise_signal(signal.SIGTERM)
+        notices.append(capsys.readouterr().err)
+        return fit_reliability(*args, **kwargs)
+
+    monkeypatch.setattr(vqa.training, "fit_reliability", signalled)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "model"
+    args = ["--output-dir", str(out), *TINY, *data, "--epochs", "1"]
+    code = _train_script().main(args)
+    if signals == 1:
+        assert code == 0 and "SIGTERM received after training: finishing the final save" in notices[0]
+        assert "answer_threshold" in read_card(out)
+    else:
+        assert code == 130 and not notices and not out.exists()
+        assert "--resume" in capsys.readouterr().err
+        state = json.loads((last_complete_checkpoint(Path(f"{out}.trainer")) / "trainer_state.json").read_text())
+        assert state["global_step"] == state["max_steps"]
+        monkeypatch.setattr(vqa.training, "fit_reliability", fit_reliability)
+        assert _train_script().main([*args, "--resume"]) == 0  # trains no step, measures and saves
+        assert "answer_threshold" in read_card(out)
+    assert signal.getsignal(signal.SIGTERM) is handler  # training's handlers are gone with it
+
+
 def test_bad_dataset_arguments_exit_2_with_a_message(tmp_path):
     result = subprocess.run(train_command(tmp_path / "x", "--dataset", "files"), capture_output=True, text=True,
                             cwd=ROOT, timeout=120)

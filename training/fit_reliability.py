@@ -10,48 +10,82 @@ of pooled CNN features, threshold flagging 1 % of held-out images), words.json (
 questions' words) and `answer_threshold` (confidence for at most 1 % wrong answers on the
 validation split) into the checkpoint's model card. The validation split is the one training
 held out: the same --val-fraction and the seed recorded in the card.
+
+The data must be the card's `dataset`: fitted on other data, the detector flags the model's
+own test images and the threshold says "not sure" to every answer. --force fits anyway.
+The new files are written beside the old ones and renamed over them once all are written.
 """
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass, fields
+
+from transformers import HfArgumentParser
 
 from vqa.checkpoint import load_checkpoint, read_card, update_card
+from vqa.config import check_options, cli_dataclass, option
 from vqa.data import BUILTIN_DATASETS, ImageSource
-from vqa.errors import VQAError
+from vqa.errors import OptionError, VQAError
 from vqa.reliability import fit_reliability
 from vqa.training import TrainOptions, prepare_data
 
+_TRAINING = {f.name: f for f in fields(TrainOptions)}
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder to fit (files are added to it)")
-    parser.add_argument("--dataset", required=True, choices=[*BUILTIN_DATASETS, "files"],
-                        help="the data the checkpoint was trained on")
-    parser.add_argument("--train-questions", help="questions JSON of the training split (--dataset files)")
-    parser.add_argument("--train-annotations", help="annotations JSON of the training split (--dataset files)")
-    parser.add_argument("--train-images", help="image folder of the training split (--dataset files)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="fraction of training images held out for validation, as in training")
-    parser.add_argument("--seed", type=int, default=None, help="split seed (default: the card's seed, else 0)")
-    return parser.parse_args(argv)
+
+@dataclass
+class Options:
+    checkpoint: str = option(dataclasses.MISSING, "checkpoint folder to fit (files are added to it)")
+    dataset: str = option(dataclasses.MISSING, "easy-vqa, shapes-world or files: the data the checkpoint was "
+                          "trained on (its card's `dataset`)", choices=(*BUILTIN_DATASETS, "files"))
+    train_questions: str | None = option(None, "questions JSON of the training split (--dataset files)")
+    train_annotations: str | None = option(None, "annotations JSON of the training split (--dataset files)")
+    train_images: str | None = option(None, "image folder of the training split (--dataset files)")
+    # Training's own field, limits included: the split must be the one training held out.
+    val_fraction: float = dataclasses.field(default=_TRAINING["val_fraction"].default,
+                                            metadata=_TRAINING["val_fraction"].metadata)
+    seed: int | None = option(None, "split seed (default: the card's seed, else 0)")
+    force: bool = option(False, "fit on data other than the card's dataset")
+
+
+Flags = cli_dataclass("Options", fields(Options))
+
+
+def parse_args(argv=None) -> Options:
+    parser = HfArgumentParser(Flags, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (flags,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return Options(**dataclasses.asdict(flags))
+
+
+def check_dataset(options: Options, trained_on: str | None, dataset: str) -> None:
+    """OptionError unless `dataset` is the one the card names (or the card names none, or --force)."""
+    if trained_on is not None and dataset != trained_on and not options.force:
+        raise OptionError(f"checkpoint {options.checkpoint} was trained on {trained_on}, not {dataset}: "
+                          "pass --force to fit its reliability files on other data")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    options = parse_args(argv)
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint)
-        seed = args.seed if args.seed is not None else read_card(args.checkpoint).get("seed", 0)
-        options = TrainOptions(dataset=args.dataset, train_questions=args.train_questions,
-                               train_annotations=args.train_annotations, train_images=args.train_images,
-                               val_fraction=args.val_fraction, seed=seed)
-        train, val, _, _ = prepare_data(options)
+        check_options(vars(options), fields(Options))
+        card = read_card(options.checkpoint)
+        if options.dataset != "files":  # a built-in dataset is checked before anything is loaded
+            check_dataset(options, card.get("dataset"), options.dataset)
+        model, tokenizer = load_checkpoint(options.checkpoint)
+        seed = options.seed if options.seed is not None else card.get("seed", 0)
+        training = TrainOptions(dataset=options.dataset, train_questions=options.train_questions,
+                                train_annotations=options.train_annotations, train_images=options.train_images,
+                                val_fraction=options.val_fraction, seed=seed)
+        train, val, _, _ = prepare_data(training)
+        if options.dataset == "files":  # the card names files by their training part, as training did
+            check_dataset(options, card.get("dataset"), train.name)
         source = ImageSource({**train.image_paths, **val.image_paths}, model.image_transform())
-        facts = fit_reliability(model, tokenizer, train, source, val, source, args.checkpoint, seed)
-        update_card(args.checkpoint, facts)
+        facts = fit_reliability(model, tokenizer, train, source, val, source, options.checkpoint, seed)
+        update_card(options.checkpoint, facts)
     except VQAError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.checkpoint}: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    print(f"{options.checkpoint}: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     return 0
 
 

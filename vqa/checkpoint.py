@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from .config import VQAConfig, check_options
 from .errors import CheckpointError
+from .files import atomic_write_text
 from .text import TOKENIZER_FILE, QuestionTokenizer
 
 CONFIG_FILE = "config.json"
@@ -215,7 +216,4 @@ def update_card(folder: str | Path, facts: dict) -> Path:
     path = Path(folder) / CARD_FILE
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     body = text.split("\n---\n", 1)[1] if text.startswith("---\n") and "\n---\n" in text else text
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_card({**read_card(folder), **facts}, body), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, render_card({**read_card(folder), **facts}, body))

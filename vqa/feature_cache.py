@@ -21,7 +21,6 @@ than memory is read at disk speed.
 
 import hashlib
 import json
-import os
 import shutil
 import weakref
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
+from .files import atomic_path, atomic_write_text
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.json"
@@ -42,12 +42,6 @@ SHARDS_DIR = "shards"
 # (shape [F]) are told from maps ([F, h, w]) by feature_shape.
 MATCHING_FIELDS = ("backbone", "transform", "weights", "output_stride", "feature_shape")
 _COPY_BYTES = 256 * 2**20  # copied at a time when a cache grows or shards merge: 8192 pooled rows, 326 map rows
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _copy_rows(array: np.ndarray) -> int:
@@ -256,20 +250,19 @@ class CacheWriter:
         elif np.load(path, mmap_mode="r").shape[0] < needed:
             self._grow(path, needed)
         if read_meta(folder) is None:
-            _atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
+            atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
         self.features = np.load(path, mmap_mode="r+")
 
     def _grow(self, path: Path, rows: int) -> None:
         old = np.load(path, mmap_mode="r")
-        tmp = path.with_name(path.name + ".tmp")
-        grown = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, *old.shape[1:]))
-        step = _copy_rows(old)
-        for start in range(0, self.next_row, step):
-            stop = min(start + step, self.next_row)
-            grown[start:stop] = old[start:stop]
-        grown.flush()
-        del grown, old
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            grown = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, *old.shape[1:]))
+            step = _copy_rows(old)
+            for start in range(0, self.next_row, step):
+                stop = min(start + step, self.next_row)
+                grown[start:stop] = old[start:stop]
+            grown.flush()
+            del grown, old
 
     def append(self, image_ids: list[int], features: np.ndarray) -> None:
         """Write rows for `image_ids`: features (len(image_ids), *feature_shape), stored as float16."""
@@ -281,11 +274,11 @@ class CacheWriter:
         self.features.flush()
         self.index.update(zip(image_ids, range(self.next_row, stop)))
         self.next_row = stop
-        _atomic_write_text(self.folder / INDEX_FILE, json.dumps(self.index))
+        atomic_write_text(self.folder / INDEX_FILE, json.dumps(self.index))
 
     def close(self) -> None:
         if not (self.folder / INDEX_FILE).is_file():
-            _atomic_write_text(self.folder / INDEX_FILE, json.dumps(self.index))
+            atomic_write_text(self.folder / INDEX_FILE, json.dumps(self.index))
         self.features.flush()
         del self.features
 
@@ -343,25 +336,24 @@ def merge_shards(folder: str | Path, meta: dict | None = None) -> None:
 
 
 def _write_merged(folder: Path, meta: dict, index: dict[int, int], kept: int, additions: list) -> None:
-    tmp = folder / (FEATURES_FILE + ".tmp")
     total = kept + sum(len(new) for _, new in additions)
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *meta["feature_shape"]))
-    step = _copy_rows(merged)
-    if kept:
-        old = np.load(folder / FEATURES_FILE, mmap_mode="r")
-        for start in range(0, kept, step):
-            merged[start : min(start + step, kept)] = old[start : min(start + step, kept)]
-        del old
-    merged_index, row = dict(index), kept
-    for features, new in additions:
-        for start in range(0, len(new), step):
-            part = new[start : start + step]
-            merged[row : row + len(part)] = features[np.array([r for _, r in part])]
-            merged_index.update((image_id, row + k) for k, (image_id, _) in enumerate(part))
-            row += len(part)
-    merged.flush()
-    del merged
-    os.replace(tmp, folder / FEATURES_FILE)
+    with atomic_path(folder / FEATURES_FILE) as tmp:
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *meta["feature_shape"]))
+        step = _copy_rows(merged)
+        if kept:
+            old = np.load(folder / FEATURES_FILE, mmap_mode="r")
+            for start in range(0, kept, step):
+                merged[start : min(start + step, kept)] = old[start : min(start + step, kept)]
+            del old
+        merged_index, row = dict(index), kept
+        for features, new in additions:
+            for start in range(0, len(new), step):
+                part = new[start : start + step]
+                merged[row : row + len(part)] = features[np.array([r for _, r in part])]
+                merged_index.update((image_id, row + k) for k, (image_id, _) in enumerate(part))
+                row += len(part)
+        merged.flush()
+        del merged
     if read_meta(folder) is None:
-        _atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
-    _atomic_write_text(folder / INDEX_FILE, json.dumps(merged_index))
+        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
+    atomic_write_text(folder / INDEX_FILE, json.dumps(merged_index))

@@ -39,7 +39,6 @@ benchmarks/ood_sets.py before relying on the numbers there.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .errors import CheckpointError
+from .files import atomic_path, atomic_write_text
 
 TENSORS_FILE = "ood.safetensors"
 META_FILE = "ood.json"
@@ -232,12 +232,9 @@ class FeatureDensity:
                 "threshold": self.threshold, "false_alarm_rate": self.false_alarm_rate,
                 "train_images": self.train_images, "heldout_images": self.heldout_images,
                 "shrinkage": self.shrinkage}
-        tmp = folder / (TENSORS_FILE + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / TENSORS_FILE)
-        tmp = folder / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder / META_FILE)
+        with atomic_path(folder / TENSORS_FILE) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
         return folder
 
     @classmethod

@@ -12,7 +12,9 @@ checkpoint. They are files of the checkpoint folder: ood.safetensors + ood.json,
 words.json, and `answer_threshold` in the model card.
 """
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,12 @@ import torch
 from .abstention import choose_threshold, coverage_at_risk
 from .data import ImageSource, VQASplit
 from .evaluation import Predictions, predict_split
+from .files import temporary_name
 from .metrics import question_accuracies
-from .ood import FeatureDensity
-from .words import WordVocabulary
+from .ood import META_FILE, TENSORS_FILE, FeatureDensity
+from .words import WORDS_FILE, WordVocabulary
+
+RELIABILITY_FILES = (TENSORS_FILE, META_FILE, WORDS_FILE)
 
 TARGET_RISK = 0.01
 MAX_FIT_IMAGES = 5000  # training images the density is fitted on: enough for F = 2048 (Ledoit-Wolf shrinks)
@@ -78,8 +83,22 @@ def fit_reliability(model, tokenizer, train: VQASplit, train_source: ImageSource
                                 keep_pooled=True)
     heldout = np.stack([predictions.pooled[i] for i in val.image_ids])
     density = fit_density(model, train, train_source, heldout, seed)
-    density.save(folder)
-    WordVocabulary.from_questions(r["question"] for r in train.records).save(folder)
+    save_reliability(folder, density, WordVocabulary.from_questions(r["question"] for r in train.records))
     facts = threshold_facts(val, predictions)
     facts["ood_threshold"] = float(density.threshold)
     return facts
+
+
+def save_reliability(folder: str | Path, density: FeatureDensity, words: WordVocabulary) -> None:
+    """Write RELIABILITY_FILES into a temporary folder inside `folder`, then rename each over its
+    old one: a run that fails before the renames leaves the old set whole, never a detector of
+    one fit beside the words of another."""
+    folder = Path(folder)
+    staging = temporary_name(folder / "reliability")
+    try:
+        density.save(staging)
+        words.save(staging)
+        for name in RELIABILITY_FILES:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

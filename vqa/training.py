@@ -33,7 +33,7 @@ from .extraction import extract_features
 from .metrics import blind_baseline, evaluate_results
 from .model import VQAModel, architecture
 from .programs import side_target_vocabulary
-from .reliability import fit_reliability
+from .reliability import RELIABILITY_FILES, fit_reliability
 from .text import TOKENIZER_FILE, QuestionTokenizer
 
 
@@ -168,17 +168,33 @@ def last_complete_checkpoint(work: Path) -> Path | None:
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGINT / SIGTERM: finish the current step, save a checkpoint, stop."""
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, stop.
+
+    Once training is over, the Trainer's last checkpoint holds every step and what is left is
+    measuring and the final save, which a resumed run would only redo: the first signal then
+    lets them finish and says so. A second signal, at any time, stops at once (KeyboardInterrupt);
+    the final save renames a whole folder into place, so the old one or the new one is left.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.received = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        self.received = None  # the signal that stops training
+        self.after_training = None  # the signal received once training was over
+        self.training_over = False
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop now
+        if self.received is not None or self.after_training is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.training_over:
+            self.after_training = name
+            print(f"\n{name} received after training: finishing the final save (a second signal stops at once; "
+                  "the last checkpoint stays for --resume)", file=sys.stderr)
+            return
+        self.received = name
         print(f"\n{self.received} received: saving a checkpoint and stopping (resume with --resume)", file=sys.stderr)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -186,6 +202,10 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # A signal before this point stops the run (fit checks `received`); after it, none is lost.
+        self.training_over = True
 
 
 def optimizer_for(model: VQAModel, options: TrainOptions) -> torch.optim.Optimizer:
@@ -225,7 +245,7 @@ def plot_curves(log_history: list[dict], path: Path) -> Path:
         ax_loss.plot(*zip(*train), label="train")
     if val_loss:
         ax_loss.plot(*zip(*val_loss), "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss", yscale="log")  # side losses start 10x higher
     ax_loss.legend()
     if val_acc:
         ax_acc.plot(*zip(*val_acc), "o-", color="tab:green")
@@ -370,7 +390,7 @@ class Run:
 
 def train(options: TrainOptions, model_options: dict | None = None, argv: list[str] | None = None) -> dict:
     """Train (or fine-tune) and write the checkpoint to options.output_dir: build -> train ->
-    measure -> save. Returns the facts in its card.
+    measure -> save. Returns the facts in its card ({} in torchrun's other processes).
 
     `model_options`: VQAConfig fields (sizes, backbone, attention), ignored when fine-tuning.
     """
@@ -378,11 +398,28 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
     check_options(vars(options), fields(TrainOptions))
     check_options(model_options or {}, fields(VQAConfig))
     run = build_run(options, model_options or {}, argv if argv is not None else sys.argv)
-    trainer = fit(run)
-    facts = measure(run, trainer)
-    if trainer.is_world_process_zero():
-        save_run(run, trainer, facts)
-    return facts
+    handlers = {sig: signal.getsignal(sig) for sig in StopOnSignal.SIGNALS}
+    try:
+        trainer = fit(run)
+        try:
+            # Every process evaluates (the Trainer gathers their predictions); only the first
+            # measures and writes: torchrun's two processes once fitted the reliability files at
+            # once and raced on their files. The others end here rather than wait at a barrier,
+            # which would time out (ddp_timeout, 30 min) while the first scores a large test
+            # split, and torchrun would then stop the first mid-save.
+            val_accuracy = round(trainer.evaluate()["eval_vqa_accuracy"], 2)
+            if not trainer.is_world_process_zero():
+                return {}
+            facts = measure(run, trainer, val_accuracy)
+            save_run(run, trainer, facts)
+            return facts
+        except KeyboardInterrupt:  # StopOnSignal's second signal, training being over
+            raise TrainingInterrupted(f"stopped before the final save was done; the last checkpoint, of the last "
+                                      f"step, is in {run.work}: run the same command with --resume to finish") from None
+    finally:  # fit's StopOnSignal handlers end with the run (in-process they outlived it)
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
 
 
 def build_run(options: TrainOptions, model_options: dict, argv: list[str]) -> Run:
@@ -440,16 +477,16 @@ def fit(run: Run) -> Trainer:
     return trainer
 
 
-def measure(run: Run, trainer: Trainer) -> dict:
-    """The card's facts: validation accuracy, the reliability fits, and the test split scored
-    once (after every choice was made on validation), beside a question-only baseline."""
+def measure(run: Run, trainer: Trainer, val_accuracy: float) -> dict:
+    """The card's facts: validation accuracy (`trainer.evaluate()`'s), the reliability fits, and
+    the test split scored once (after every choice was made on validation), beside a
+    question-only baseline."""
     options, model = run.options, run.model
     facts = {
         "dataset": options.dataset if options.dataset != "files" else run.train.name,
         "backbone": model.config.backbone, "attention_glimpses": model.config.attention_glimpses,
         "answers": len(model.config.label2id), "train_questions": len(trainer.train_dataset),
-        "val_questions": len(trainer.eval_dataset),
-        "val_accuracy": round(trainer.evaluate()["eval_vqa_accuracy"], 2),
+        "val_questions": len(trainer.eval_dataset), "val_accuracy": val_accuracy,
     }
     if run.skipped:
         facts["skipped_images"] = len(run.skipped)
@@ -491,7 +528,7 @@ def stage1_facts(backbone_weights: str | None) -> dict | None:
 def save_run(run: Run, trainer: Trainer, facts: dict) -> Path:
     work, model = run.work, run.model
     extra = {"training_curves.png": plot_curves(trainer.state.log_history, work / "training_curves.png")}
-    extra.update({path.name: path for path in (work / "reliability").iterdir()})
+    extra.update({name: work / "reliability" / name for name in RELIABILITY_FILES})
     if run.skipped:
         (work / "skipped_images.json").write_text(json.dumps(run.skipped, indent=2))
         extra["skipped_images.json"] = work / "skipped_images.json"

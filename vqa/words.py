@@ -11,13 +11,13 @@ question tokenizer's `nmt_nfkc_cf` rule, so "Ｃａｆé", "CAFÉ" and "café" a
 """
 
 import json
-import os
 import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 from .errors import CheckpointError
+from .files import atomic_write_text
 
 WORDS_FILE = "words.json"
 VERSION = 1
@@ -90,13 +90,10 @@ class WordVocabulary:
         """Write words.json: {"version", "questions", "words": [[word, questions using it], ...]} by word."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        path, tmp = folder / WORDS_FILE, folder / (WORDS_FILE + ".tmp")
         # One [word, count] per line: a person can read and diff the file.
         lines = ",\n".join("  " + json.dumps([w, self.counts[w]], ensure_ascii=False) for w in sorted(self.counts))
-        tmp.write_text(f'{{"version": {VERSION}, "questions": {self.questions}, "words": [\n{lines}\n]}}\n',
-                       encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(folder / WORDS_FILE,
+                                 f'{{"version": {VERSION}, "questions": {self.questions}, "words": [\n{lines}\n]}}\n')
 
     @classmethod
     def load(cls, folder: str | Path) -> "WordVocabulary | None":
