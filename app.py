@@ -141,12 +141,15 @@ def explain(models: Models, name: str, image, question):
 
 
 def attention(models: Models, name: str, image, question) -> list:
-    """[(overlay, caption)] per glimpse for an attention model; [] for a pooled one."""
+    """[(overlay, caption)] per glimpse (of each hop) for an attention model; [] for a pooled one."""
+    predictor = served(models, name).predictor
     try:
-        overlays = served(models, name).predictor.attention(uploaded(image), question)
+        overlays = predictor.attention(uploaded(image), question)
     except InputError as error:
         raise user_error(error, image) from None
-    return [(picture, f"glimpse {g + 1}") for g, picture in enumerate(overlays or [])]
+    glimpses, hops = predictor.config.attention_glimpses, predictor.config.attention_hops
+    return [(picture, f"hop {k // glimpses + 1}, glimpse {k % glimpses + 1}" if hops > 1 else f"glimpse {k + 1}")
+            for k, picture in enumerate(overlays or [])]
 
 
 def compare(models: Models, image, question) -> list[list]:

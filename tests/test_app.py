@@ -347,7 +347,9 @@ def test_attention_maps_over_the_api(server, client, tmp_path):
     render_scene(random_scene(5)).save(scene)
     glimpses = client.predict("shapes-world-attention", handle_file(scene), "how many circles are there?",
                               api_name="/attention")
-    assert len(glimpses) == 2
+    # The shipped attention model: 2 hops of 2 glimpses, in order.
+    assert [item["caption"] for item in glimpses] == ["hop 1, glimpse 1", "hop 1, glimpse 2",
+                                                      "hop 2, glimpse 1", "hop 2, glimpse 2"]
     for item in glimpses:
         with Image.open(item["image"]) as overlay:
             assert overlay.size == (256, 256)  # a 128 px scene, shown at the overlay's minimum side

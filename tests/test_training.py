@@ -259,8 +259,8 @@ def test_nonstandard_answer_counts_are_refused_unless_allowed(tmp_path):
     assert "used as they are" in allowed.stderr
 
 
-@pytest.mark.parametrize("script", ["training/train.py", "training/evaluate.py", "training/extract_features.py",
-                                    "app.py"])
+@pytest.mark.parametrize("script", ["training/train.py", "training/train_encoder.py", "training/evaluate.py",
+                                    "training/extract_features.py", "app.py"])
 def test_every_option_has_help(script):
     """`--help` describes every option: no option line without words after it."""
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT,
@@ -296,7 +296,7 @@ def _train_script():
     (["--batch-size", "0"], "--batch-size must be at least 1 and at most 1000000, not 0"),
     (["--lstm-layers", "0"], "--lstm-layers must be at least 1 and at most 8, not 0"),
     (["--dropout", "2"], "--dropout must be at least 0.0 and at most 0.95, not 2.0"),
-    (["--learning-rate", "nan"], "--learning-rate must be more than 0 and at most 10, not nan"),
+    (["--learning-rate", "nan"], "--learning-rate must be at least 0 and at most 10, not nan"),
     (["--epochs", "0"], "--epochs must be more than 0 and at most 100000, not 0.0"),
     (["--epochs", "-1"], "--epochs must be more than 0 and at most 100000, not -1.0"),
     (["--val-fraction", "1.5"], "--val-fraction must be more than 0 and at most 0.9, not 1.5"),

@@ -257,7 +257,7 @@ class Predictor:
 
     @torch.inference_mode()
     def attention(self, image, question: str) -> list | None:
-        """One overlay per glimpse of where an attention model looked; None for a pooled model."""
+        """One overlay per glimpse (hop after hop) of where an attention model looked; None for a pooled model."""
         if not self.config.attention_glimpses:
             return None
         input_ids = self.encode(question)

@@ -78,6 +78,7 @@ def question_targets(record: dict) -> list[str]:
 
 
 def side_target_vocabulary(records, max_targets: int = 1000, min_count: int = 5) -> list[str]:
-    """The targets of at least `min_count` training questions, most frequent first, at most `max_targets`."""
+    """The targets of at least `min_count` training questions, most frequent first (ties by name), at most `max_targets`."""
     counts = Counter(t for r in records for t in set(question_targets(r)))
-    return [t for t, n in counts.most_common(max_targets) if n >= min_count]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))  # ties by name: the same every run
+    return [t for t, n in ranked[:max_targets] if n >= min_count]

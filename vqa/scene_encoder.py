@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import DataError
+from .feature_cache import evaluating
 from .images import content_box, open_image
 from .model import backbone_transform, create_backbone
 from .config import check_options, option
@@ -133,7 +134,8 @@ class SceneEncoder(nn.Module):
         self.sizes = [len(v) for v in attributes.values()]
         self.head = nn.Conv2d(self.backbone.num_features, 1 + 2 + sum(self.sizes), kernel_size=1)
         self.transform = backbone_transform(self.backbone, image_size)
-        with torch.no_grad():
+        # In eval mode: a probe in training mode would move BatchNorm's running statistics.
+        with torch.no_grad(), evaluating(self.backbone):
             self.map_size = tuple(self.backbone.forward_features(
                 torch.zeros(1, *self.transform.input_size)).shape[-2:])
 
