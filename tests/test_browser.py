@@ -143,6 +143,25 @@ def test_build_a_scene_ask_and_read_the_model_and_the_true_answer(page):
     page.get_by_role("tab", name="Ask").click()
 
 
+def test_the_suggestions_true_answer_column_is_in_view_at_1400_px(page):
+    page.set_viewport_size({"width": 1400, "height": 900})
+    try:
+        page.get_by_role("tab", name="Build a scene").click()
+        page.locator("#scene-new").click()
+        page.wait_for_function("() => document.querySelectorAll('#scene-suggestions [role=row]').length >= 4")
+        table = page.locator("#scene-suggestions").bounding_box()
+        header = page.locator("#scene-suggestions [role=row]").first.get_by_text("true answer").bounding_box()
+        assert header["x"] + header["width"] <= table["x"] + table["width"]
+        # Nothing inside the table scrolls sideways (cells wrap their text).
+        overflowing = page.evaluate("""() => [...document.querySelectorAll('#scene-suggestions *')]
+            .filter(e => e.scrollWidth > e.clientWidth + 1 && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX))
+            .length""")
+        assert overflowing == 0
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.get_by_role("tab", name="Ask").click()
+
+
 def test_an_attention_model_shows_where_each_glimpse_looked(page, tmp_path):
     from vqa.shapes_world import random_scene, render_scene
 
