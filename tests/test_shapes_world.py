@@ -417,6 +417,29 @@ def test_load_shapes_world_generates_once_into_the_cache(tmp_path, monkeypatch):
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["test", "val"]
 
 
+@pytest.mark.parametrize("damage, problem", [
+    (lambda folder: next((folder / "val").glob("*.png")).unlink(), "is missing"),
+    (lambda folder: (folder / "shapes_world_val_annotations.json").write_text("{"), "has changed"),
+    (lambda folder: (folder / "shapes_world_val_annotations.json").write_text(
+        (folder / "shapes_world_val_annotations.json").read_text().replace('"answer":"', '"answer":"x', 1)),
+     "has changed"),
+    (lambda folder: (folder / "manifest.json").unlink(), "no readable manifest.json"),
+])
+def test_a_damaged_cache_is_regenerated_with_one_line(tmp_path, capsys, damage, problem):
+    sizes = dict(image_size=64, train_scenes=3, val_scenes=2, test_scenes=2, questions_per_scene=3)
+    val = load_shapes_world("val", cache_dir=tmp_path, progress=False, **sizes)
+    (folder,) = tmp_path.iterdir()
+    damage(folder)
+    capsys.readouterr()
+    again = load_shapes_world("val", cache_dir=tmp_path, progress=False, **sizes)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0] and "regenerating" in lines[0] and str(folder) in lines[0]
+    assert again.records == val.records and len(list((folder / "val").glob("*.png"))) == 2
+    # Whole again: the next load says nothing.
+    load_shapes_world("val", cache_dir=tmp_path, progress=False, **sizes)
+    assert capsys.readouterr().err == ""
+
+
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
