@@ -26,8 +26,7 @@ import sys
 from transformers import HfArgumentParser
 
 from vqa.config import cli_dataclass, model_options
-from vqa.errors import VQAError
-from vqa.training import TrainingInterrupted, TrainOptions, train
+from vqa.training import TrainOptions, exit_status, train
 
 ModelOptions = cli_dataclass("ModelOptions", model_options())
 TrainFlags = cli_dataclass("TrainOptions", dataclasses.fields(TrainOptions))
@@ -42,15 +41,7 @@ def parse_args(argv=None) -> tuple[TrainOptions, dict]:
 
 def main(argv=None) -> int:
     options, model = parse_args(argv)
-    try:
-        train(options, model, ["training/train.py", *(sys.argv[1:] if argv is None else argv)])
-    except VQAError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as stopped:
-        print(str(stopped), file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: train(options, model, ["training/train.py", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ with the same --backbone, --image-size and --output-stride.
 
 import argparse
 import dataclasses
-import shlex
 import sys
 
 from transformers import HfArgumentParser
 
 from vqa.config import cli_dataclass
-from vqa.errors import VQAError
 from vqa.scene_encoder import EncoderOptions, train_scene_encoder
-from vqa.training import TrainingInterrupted
+from vqa.training import exit_status, run_command
 
 
 def main(argv=None) -> int:
@@ -32,17 +30,12 @@ def main(argv=None) -> int:
     parser = HfArgumentParser(flags, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     (parsed,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     options = EncoderOptions(**dataclasses.asdict(parsed))
-    command = " ".join(shlex.quote(a) for a in ["python", "training/train_encoder.py", *argv] if a != "--resume")
-    try:
-        facts = train_scene_encoder(options, command)
-    except VQAError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as stopped:
-        print(str(stopped), file=sys.stderr)
-        return 130
-    print(f"saved {options.output_dir}: held-out accuracy " + ", ".join(f"{k} {v}" for k, v in facts["val_accuracy"].items()))
-    return 0
+
+    def run():
+        facts = train_scene_encoder(options, run_command(["training/train_encoder.py", *argv]))
+        print(f"saved {options.output_dir}: held-out accuracy " + ", ".join(f"{k} {v}" for k, v in facts["val_accuracy"].items()))
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -162,21 +162,20 @@ class SceneEncoder(nn.Module):
 def scene_accuracy(encoder: SceneEncoder, dataset: SceneDataset, batch_size: int = 64) -> dict[str, float]:
     """On held-out scenes, in percent: `objects` (F1 of finding the map locations that hold an
     object's centre), then each attribute's accuracy at the true centres."""
-    was_training = encoder.training
-    encoder.eval()
     found = predicted = actual = 0
     right = {name: 0 for name in encoder.attributes}
     total = {name: 0 for name in encoder.attributes}
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        presence, _, values = encoder.predict(batch["pixel_values"])
-        hits, truth = presence > 0, batch["present"].bool()
-        found, predicted, actual = found + int((hits & truth).sum()), predicted + int(hits.sum()), actual + int(truth.sum())
-        for k, name in enumerate(encoder.attributes):
-            labels = batch["attributes"][:, k]
-            kept = labels != -100
-            right[name] += int((values[k].argmax(1)[kept] == labels[kept]).sum())
-            total[name] += int(kept.sum())
-    encoder.train(was_training)
+    with evaluating(encoder):
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            presence, _, values = encoder.predict(batch["pixel_values"])
+            hits, truth = presence > 0, batch["present"].bool()
+            found, predicted, actual = (found + int((hits & truth).sum()), predicted + int(hits.sum()),
+                                        actual + int(truth.sum()))
+            for k, name in enumerate(encoder.attributes):
+                labels = batch["attributes"][:, k]
+                kept = labels != -100
+                right[name] += int((values[k].argmax(1)[kept] == labels[kept]).sum())
+                total[name] += int(kept.sum())
     scores = {"objects": round(200.0 * found / max(predicted + actual, 1), 2)}
     return scores | {name: round(100.0 * right[name] / max(total[name], 1), 2) for name in right}
 

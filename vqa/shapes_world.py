@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .answers import HUMAN_ANSWERS
 from .errors import DataError, InputError
+from .files import temporary_name
 from .programs import program_nodes
 from .shapes_questions import (ALSO_ACCEPTED, ATTRIBUTES, RELATIONS, QuestionGenerator, suggest_questions,
                                true_answer)
@@ -48,7 +49,7 @@ from .shapes_questions import (ALSO_ACCEPTED, ATTRIBUTES, RELATIONS, QuestionGen
 # The whole API here, question functions included, so that callers need one import.
 __all__ = ["WorldConfig", "random_scene", "render_scene", "object_mask", "compute_relationships", "scene_to_rows",
            "scene_from_rows", "suggest_questions", "true_answer", "generate_scenes", "write_split",
-           "split_files", "builtin_scene_files", "load_shapes_world", "cache_root", "COLORS", "SPLITS"]
+           "split_files", "builtin_scene_files", "shapes_world_folder", "load_shapes_world", "cache_root", "COLORS", "SPLITS"]
 
 GENERATOR_VERSION = 3  # part of the cache key: bump when a change alters the generated data
 # Image ids are unique across the splits (train 0.., val 1,000,000.., test 2,000,000..), so that a
@@ -415,7 +416,7 @@ def _staged(final: Path):
     renames fail), else beside it."""
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = (final if final.is_dir() else final.parent) / f".{final.name}.tmp-{os.getpid()}"
+    temporary = (final if final.is_dir() else final.parent) / temporary_name(final).name
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
@@ -486,8 +487,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 def builtin_scene_files(split: str, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     """(scenes JSON, image folder) of a built-in split, generated first if needed."""
-    folder = load_shapes_world(split, cache_dir, progress=False).image_dir.parent
-    files = split_files(folder, split)
+    files = split_files(shapes_world_folder(split, cache_dir, progress=False), split)
     return files["scenes"], files["images"]
 
 
@@ -521,15 +521,8 @@ def _cache_problem(folder: Path) -> str | None:
     return f"{extra[0]} does not belong to it" if extra else None
 
 
-def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> "VQASplit":
-    """A split of the built-in shapes world, generated on first use and cached.
-
-    params: any WorldConfig field (sizes of the world and of the splits). The cache folder
-    is CACHE/{split}-{hash of the parameters}; it is written under a temporary name and
-    renamed into place, so an interrupted run never leaves half a dataset behind. Its manifest
-    holds every file's checksum: a folder that no longer matches it (a file deleted, truncated
-    or edited) is regenerated, with one line on stderr.
-    """
+def shapes_world_folder(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> Path:
+    """The cache folder of a built-in split, generated on first use (see `load_shapes_world`)."""
     if split not in SPLITS:
         raise DataError(f"the shapes world has splits {', '.join(SPLITS)}, not {split!r}")
     unknown = set(params) - {f.name for f in fields(WorldConfig)}
@@ -556,6 +549,19 @@ def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress:
                         **config.scene_params)
             (temporary / "config.json").write_text(json.dumps({**asdict(config), **key_fields}, indent=1))
             (temporary / MANIFEST).write_text(json.dumps(_checksums(temporary), indent=0))
+    return folder
+
+
+def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress: bool = True, **params) -> "VQASplit":
+    """A split of the built-in shapes world, generated on first use and cached.
+
+    params: any WorldConfig field (sizes of the world and of the splits). The cache folder
+    is CACHE/{split}-{hash of the parameters}; it is written under a temporary name and
+    renamed into place, so an interrupted run never leaves half a dataset behind. Its manifest
+    holds every file's checksum: a folder that no longer matches it (a file deleted, truncated
+    or edited) is regenerated, with one line on stderr.
+    """
+    folder = shapes_world_folder(split, cache_dir, progress, **params)
     # Here, not at the top: vqa.data imports torch and torchvision (4 s, 800 MB), which
     # generating a world, in this process or in its workers, does not need.
     from .data import load_vqa_split

@@ -27,7 +27,7 @@ from .checkpoint import load_checkpoint, render_card, save_checkpoint
 from .config import VQAConfig, check_options, option
 from .data import (BUILTIN_DATASETS, ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit,
                    load_builtin, load_vqa_split, screen_images, split_by_image)
-from .errors import DataError
+from .errors import DataError, VQAError
 from .evaluation import predict_split
 from .extraction import extract_features
 from .metrics import blind_baseline, evaluate_results
@@ -82,6 +82,20 @@ class TrainOptions:
     allow_nonstandard_answers: bool = option(False, "accept questions with other than 10 human answers")
     save_half: bool = option(False, "store the final weights in float16 (half the size)")
     logging_steps: int = option(20, "steps between loss logs", low=1)
+
+
+def exit_status(run) -> int:
+    """A training script's exit status for `run()`: 0, or 2 with "error: ..." for a mistake the
+    project names (VQAError), or 130 when a signal stopped training (the checkpoint is kept)."""
+    try:
+        run()
+    except VQAError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 130
+    return 0
 
 
 def run_command(argv: list[str]) -> str:
