@@ -224,18 +224,21 @@ def load_easy_vqa(split: str) -> VQASplit:
 BUILTIN_DATASETS = {"easy-vqa": ("train", "test"), "shapes-world": ("train", "val", "test")}
 
 
-def load_builtin(name: str, split: str) -> VQASplit:
-    """A built-in dataset (no download): easy-VQA, or the shapes world (generated on first use)."""
+def load_builtin(name: str, split: str, scenes: int | None = None) -> VQASplit:
+    """A built-in dataset (no download): easy-VQA, or the shapes world (generated on first use).
+    scenes: the shapes world's number of scenes in this split, when not its default size."""
     if name not in BUILTIN_DATASETS:
         raise DataError(f"unknown dataset {name!r}: the built-in ones are {', '.join(BUILTIN_DATASETS)}; "
                         "give VQA v2-layout files otherwise")
     if split not in BUILTIN_DATASETS[name]:
         raise DataError(f"{name} has splits {', '.join(BUILTIN_DATASETS[name])}, not {split!r}")
     if name == "easy-vqa":
+        if scenes is not None:
+            raise DataError("easy-vqa has a fixed size: the number of scenes is a shapes-world setting")
         return load_easy_vqa(split)
     from .shapes_world import load_shapes_world
 
-    return load_shapes_world(split)
+    return load_shapes_world(split) if scenes is None else load_shapes_world(split, **{f"{split}_scenes": scenes})
 
 
 EASY_VQA_PALETTE = ["#ff0000", "#00ff00", "#0000ff", "#ffff00", "#000000", "#a52a2a", "#808080", "#008080"]

@@ -48,6 +48,9 @@ class TrainOptions:
 
     output_dir: str = option("checkpoints/my-model", "checkpoint folder to write (Trainer state goes to OUTPUT_DIR.trainer)")
     dataset: str = option("easy-vqa", "'easy-vqa' or 'shapes-world' (built in), or 'files' (VQA v2 layout)")
+    train_scenes: int | None = option(None, "shapes-world: training scenes, generated and cached on first use "
+                                             "(default 6,000; validation and test stay the built-in splits)",
+                                      low=1, high=10_000_000)
     train_questions: str | None = option(None, "questions JSON of the training split (--dataset files)")
     train_annotations: str | None = option(None, "annotations JSON of the training split (--dataset files)")
     train_images: str | None = option(None, "image folder of the training split (--dataset files)")
@@ -108,7 +111,10 @@ def load_training_data(options: TrainOptions) -> tuple[VQASplit, VQASplit | None
     if options.dataset in BUILTIN_DATASETS:
         splits = BUILTIN_DATASETS[options.dataset]
         val = load_builtin(options.dataset, "val") if "val" in splits else None
-        return load_builtin(options.dataset, "train"), val, load_builtin(options.dataset, "test")
+        train = load_builtin(options.dataset, "train", scenes=options.train_scenes)
+        return train, val, load_builtin(options.dataset, "test")
+    if options.train_scenes is not None:
+        raise DataError("--train-scenes sets the size of the built-in shapes world: it needs --dataset shapes-world")
     if options.dataset == "files":
         if not (options.train_questions and options.train_annotations and options.train_images):
             raise DataError("--dataset files needs --train-questions, --train-annotations and --train-images")
