@@ -303,6 +303,9 @@ def _train_script():
     (["--top-answers", "0"], "--top-answers must be at least 1 and at most 100000, not 0"),
     (["--image-size", "100000"], "--image-size must be at least 16 and at most 2048, not 100000"),
     (["--side-loss-weight", "-1"], "--side-loss-weight must be at least 0.0 and at most 100.0, not -1.0"),
+    (["--train-scenes", "0"], "--train-scenes must be at least 1 and at most 10000000, not 0"),
+    (["--train-scenes", "100"], "--train-scenes sets the size of the built-in shapes world: "
+                                "it needs --dataset shapes-world"),
 ])
 def test_settings_are_checked_before_any_data_is_read(tmp_path, capsys, args, message):
     # The data files do not exist: a check made after reading them would complain about them instead.
@@ -326,3 +329,18 @@ def test_a_checkpoint_config_out_of_range_names_the_file_and_field(tmp_path, tin
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(OptionError, match=r"bad/config.json: image_size must be at least 16 and at most 2048, not -5"):
         load_checkpoint(folder)
+
+
+def test_train_scenes_sizes_the_shapes_world_training_split_only(tmp_path, monkeypatch):
+    from vqa.data import load_builtin
+    from vqa.errors import DataError
+    from vqa.shapes_world import load_shapes_world
+
+    monkeypatch.setenv("VQA_CACHE_DIR", str(tmp_path))
+    larger = load_builtin("shapes-world", "train", scenes=7)
+    assert len(larger.image_paths) == 7 and len(larger.records) == 70
+    # the same scenes as the world's own generator makes for that size, cached under their own key
+    again = load_shapes_world("train", cache_dir=tmp_path / "shapes-world", progress=False, train_scenes=7)
+    assert [r["question"] for r in again.records] == [r["question"] for r in larger.records]
+    with pytest.raises(DataError, match="easy-vqa has a fixed size"):
+        load_builtin("easy-vqa", "train", scenes=7)
