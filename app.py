@@ -26,12 +26,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from vqa.data import builtin_examples, builtin_palette
 from vqa.errors import CheckpointError, InputError
 from vqa.predict import DEFAULT_TOP_K, MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, percent
+from vqa.worlds.registry import WORLDS, builtin_examples, builtin_palette
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT_MODEL = "shapes-world-attention"  # the best shipped model, listed first
+SCENE_WORLDS = {name for name, world in WORLDS.items() if world.scene_builder}  # served by "Build a scene"
 MAX_BATCH_SIZE = 16
 MAX_QUESTIONS = 50  # per request of the "many questions" tab
 EXAMPLE_COUNT = 8
@@ -201,19 +202,19 @@ def predict_sketch(models: Models, name: str, sketch, question):
 
 def new_scene(seed) -> tuple[list[list], object, list[list]]:
     """(object table, rendered image, suggested [question, true answer]) of a random scene."""
-    from vqa import shapes_world
+    from vqa.worlds import shapes
 
-    scene = shapes_world.random_scene(int(seed or 0))
-    return (shapes_world.scene_to_rows(scene), shapes_world.render_scene(scene),
-            [list(pair) for pair in shapes_world.suggest_questions(scene, 6, int(seed or 0))])
+    scene = shapes.random_scene(int(seed or 0))
+    return (shapes.scene_to_rows(scene), shapes.render_scene(scene),
+            [list(pair) for pair in shapes.suggest_questions(scene, 6, int(seed or 0))])
 
 
 def _scene(rows):
-    from vqa import shapes_world
+    from vqa.worlds import shapes
 
     table = rows.values.tolist() if hasattr(rows, "values") else rows
     try:
-        return shapes_world.scene_from_rows([row for row in table if any(str(c).strip() for c in row)])
+        return shapes.scene_from_rows([row for row in table if any(str(c).strip() for c in row)])
     except ValueError as error:
         raise refusal(str(error), "Cannot build the scene") from None
 
@@ -225,30 +226,21 @@ def pick_suggestion(event: gr.SelectData) -> str:
 
 def render_rows(rows):
     """The scene of the edited table, rendered by the world's renderer."""
-    from vqa import shapes_world
+    from vqa.worlds import shapes
 
-    return shapes_world.render_scene(_scene(rows))
+    return shapes.render_scene(_scene(rows))
 
 
 def ask_scene(models: Models, name: str, rows, question):
     """(model's top answers, the true answer computed from the scene, notice) for a built scene."""
-    from vqa import shapes_world
-    from vqa.shapes_questions import AMBIGUOUS, answer_or_reason
+    from vqa.worlds import shapes
 
     scene = _scene(rows)
     try:
-        answer = served(models, name).batcher.answer(shapes_world.render_scene(scene), question, DEFAULT_TOP_K)
+        answer = served(models, name).batcher.answer(shapes.render_scene(scene), question, DEFAULT_TOP_K)
     except InputError as error:
         raise user_error(error) from None
-    truth, reason = answer_or_reason(scene, question)
-    top = next(iter(answer.answers))
-    if reason == AMBIGUOUS:
-        verdict = ("True answer: unknown: the question names an object that is not unique in this scene "
-                   "(or a relation the margin leaves open).")
-    elif truth is None:
-        verdict = "True answer: unknown (the question matches none of the world's templates; try a suggested one)."
-    else:
-        verdict = f"True answer: **{html.escape(truth)}**. The model is **{'right' if top == truth else 'wrong'}**."
+    verdict = shapes.verdict(scene, question, next(iter(answer.answers)))
     return answer.answers, verdict, notice(answer)
 
 
@@ -275,10 +267,10 @@ def model_markdown(facts: dict) -> str:
     return "\n".join(lines)
 
 
-def _model_choice(models: Models, elem_id: str, dataset: str | None = None) -> gr.Dropdown:
-    """The model selector, on the first model trained on `dataset` if any, else the first one."""
+def _model_choice(models: Models, elem_id: str, datasets: set[str] = frozenset()) -> gr.Dropdown:
+    """The model selector, on the first model trained on one of `datasets` if any, else the first one."""
     names = list(models)
-    preferred = [n for n in names if models[n].predictor.describe()["dataset"] == dataset]
+    preferred = [n for n in names if models[n].predictor.describe()["dataset"] in datasets]
     return gr.Dropdown(names, value=(preferred or names)[0], label="Model", interactive=len(names) > 1,
                        elem_id=elem_id)
 
@@ -360,7 +352,7 @@ def _scene_tab(models: Models):
                     "image), then ask a suggested question or your own: the true answer is computed from the scene.")
         with gr.Row():
             with gr.Column():
-                model = _model_choice(models, "scene-model", "shapes-world")
+                model = _model_choice(models, "scene-model", SCENE_WORLDS)
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="scene-seed")
                 generate = gr.Button("New random scene", elem_id="scene-new")
                 rows = gr.Dataframe(headers=["shape", "color", "size", "material", "x", "y"],
@@ -404,7 +396,7 @@ def build_demo(models: Models) -> gr.Blocks:
         _ask_tab(models, examples)
         _many_tab(models, examples)
         _draw_tab(models, builtin_palette(dataset))
-        if any(m.predictor.describe()["dataset"] == "shapes-world" for m in models.values()):
+        if any(m.predictor.describe()["dataset"] in SCENE_WORLDS for m in models.values()):
             _scene_tab(models)
         with gr.Accordion("About the models", open=False):
             for served_model in models.values():

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from queue_client import Request, Result, Run, cpu_seconds, percentile, run
+
 from vqa.predict import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,12 +27,13 @@ import time
 
 import torch
 
+from vqa.batching import ImageSource
 from vqa.checkpoint import load_checkpoint
 from vqa.config import VQAConfig, model_options
-from vqa.data import ImageSource, load_easy_vqa
 from vqa.evaluation import DEFAULT_BATCH_SIZE, predict_split
 from vqa.metrics import evaluate_results
 from vqa.model import VQAModel, architecture
+from vqa.worlds.easy_vqa import load_easy_vqa
 
 GOAL = 1.3
 

@@ -8,7 +8,7 @@ trained on (its card's `dataset`); the OOD sets are those of benchmarks/ood_sets
 noise, colour gradients, textures, rendered text, the real photos that installed packages
 ship) and the other built-in dataset's test images (easy-VQA against the shapes-world models
 and the reverse). Each image is scored by the checkpoint's own detector (ood.safetensors:
-Mahalanobis distance of the pooled CNN features, vqa/ood.py) exactly as the Predictor does.
+Mahalanobis distance of the pooled CNN features, vqa/reliability/ood.py) exactly as the Predictor does.
 Reported per (model, set): AUROC (goal >= 0.99) and the share flagged; and the false-alarm
 rate on the model's own test images (goal <= 1 %). Writes --out/ood.json and ood.md.
 """
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from ood_sets import ALL_SETS
+
 from vqa.checkpoint import read_card
-from vqa.data import BUILTIN_DATASETS, load_builtin
 from vqa.images import open_image
-from vqa.ood import auroc
 from vqa.predict import Predictor
+from vqa.reliability.ood import auroc
+from vqa.worlds.registry import BUILTIN_DATASETS, load_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
 

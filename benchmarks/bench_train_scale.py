@@ -58,10 +58,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vqa.batching import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator
 from vqa.config import VQAConfig
-from vqa.data import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit
-from vqa.feature_cache import FEATURES_FILE, CacheWriter, FeatureCache
+from vqa.feature_cache import CacheWriter, FEATURES_FILE, FeatureCache
 from vqa.model import VQAModel
+from vqa.records import VQASplit
 
 QUESTIONS, IMAGES, ANSWERS, FEATURE_DIM, VOCAB = 443_757, 82_783, 3_129, 2048, 4000
 FIRST_IMAGE_ID = 9  # COCO train2014 ids are sparse; these are too (every 7th)
@@ -310,7 +311,7 @@ def train_steps(model: VQAModel, dataset, collator, batch_size: int, steps: int,
     """Train `model` with the real VQATrainer; times each step and records memory at each epoch's end."""
     from transformers import TrainerCallback, TrainingArguments
 
-    from vqa.training import VQATrainer
+    from vqa.trainer import VQATrainer
 
     class Clock(TrainerCallback):
         def __init__(self):

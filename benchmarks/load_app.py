@@ -31,10 +31,10 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-from PIL import Image
-
 from bench_app import DEFAULT_CHECKPOINT, easy_vqa_requests, start_app, stop_app
+from PIL import Image
 from queue_client import Request, percentile, run
+
 from vqa.predict import MAX_QUESTION_CHARS
 
 MIB = 1024 * 1024

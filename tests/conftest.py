@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fixtures import ROOT, SHIPPED_CHECKPOINT, free_port, http_get, make_vqa_v2_files, save_tiny_checkpoint
 from fixtures import *  # noqa: F401,F403  -- re-exported for test files that still import helpers from conftest
+from fixtures import ROOT, SHIPPED_CHECKPOINT, free_port, http_get, make_vqa_v2_files, save_tiny_checkpoint
+
 from vqa.text import QuestionTokenizer
 
 

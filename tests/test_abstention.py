@@ -1,16 +1,16 @@
-"""vqa/abstention.py: risk-coverage, coverage at risk, AURC and effective reliability."""
+"""vqa/reliability/abstention.py: risk-coverage, coverage at risk, AURC and effective reliability."""
 
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from fixtures import ROOT
 from PIL import Image
 
-from vqa.abstention import (abstain_all_threshold, aurc, best_effective_reliability, choose_threshold,
-                            coverage_at_risk, effective_reliability, plot_risk_coverage, risk_coverage_curve,
-                            summary)
-from fixtures import ROOT
+from vqa.reliability.abstention import (abstain_all_threshold, aurc, best_effective_reliability, choose_threshold,
+                                        coverage_at_risk, effective_reliability, plot_risk_coverage,
+                                        risk_coverage_curve, summary)
 
 # Five questions; two tie at 0.8 (one right, one wrong), one is partly right (0.6).
 CONF = [0.3, 0.8, 0.9, 0.5, 0.8]
@@ -201,6 +201,6 @@ def test_plot_risk_coverage(tmp_path):
 
 
 def test_import_leaves_matplotlib_alone():
-    code = "import sys, vqa.abstention; print('matplotlib' in sys.modules)"
+    code = "import sys, vqa.reliability.abstention; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -6,9 +6,8 @@ import threading
 
 import easy_vqa
 import pytest
-from PIL import Image
-
 from fixtures import ROOT, SHIPPED_CHECKPOINT, draw_shape, http_get, png_claiming_size
+from PIL import Image
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -258,8 +257,9 @@ def test_user_errors_escape_markup_of_the_file_name():
 
 
 def test_markup_is_escaped_for_the_page_not_for_api_clients(monkeypatch):
-    import app
     from gradio.context import LocalContext
+
+    import app
     from vqa.errors import InputError
 
     class Request:  # what Gradio hands a handler: the headers of the queue/join request
@@ -309,7 +309,7 @@ def test_notice_names_each_reason_not_to_trust_an_answer():
 
 def test_many_questions_show_percentages_and_the_notices_of_ask(models, tiny_checkpoint, monkeypatch):
     import app
-    from vqa.words import WordVocabulary
+    from vqa.reliability.words import WordVocabulary
 
     predictor = models[tiny_checkpoint.name].predictor
     monkeypatch.setattr(predictor, "words", WordVocabulary.from_questions([QUESTION]))
@@ -341,7 +341,7 @@ def test_model_markdown_says_what_the_checkpoint_is(models, tiny_checkpoint):
 
 
 def test_attention_maps_over_the_api(server, client, tmp_path):
-    from vqa.shapes_world import random_scene, render_scene
+    from vqa.worlds.shapes import random_scene, render_scene
 
     scene = tmp_path / "scene.png"
     render_scene(random_scene(5)).save(scene)

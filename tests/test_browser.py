@@ -9,9 +9,8 @@ from pathlib import Path
 
 import easy_vqa
 import pytest
-from PIL import Image
-
 from fixtures import ROOT, draw_shape
+from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -163,7 +162,7 @@ def test_the_suggestions_true_answer_column_is_in_view_at_1400_px(page):
 
 
 def test_an_attention_model_shows_where_each_glimpse_looked(page, tmp_path):
-    from vqa.shapes_world import random_scene, render_scene
+    from vqa.worlds.shapes import random_scene, render_scene
 
     scene = tmp_path / "scene.png"
     render_scene(random_scene(3)).save(scene)

@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from fixtures import SHIPPED_CHECKPOINT, save_tiny_checkpoint, tiny_config
 from huggingface_hub import ModelCard
 
-from fixtures import SHIPPED_CHECKPOINT, save_tiny_checkpoint, tiny_config
 from vqa.checkpoint import CARD_METADATA, load_checkpoint, read_card, render_card, save_checkpoint
 from vqa.errors import CheckpointError
 from vqa.model import VQAModel

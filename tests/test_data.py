@@ -1,4 +1,4 @@
-"""vqa.data: the VQA v2 layout and its errors, built-in datasets, the one bad-image policy
+"""vqa.records, vqa.batching and vqa.worlds.registry: the VQA v2 layout and its errors, built-in datasets, the one bad-image policy
 (screen_images), unique_rows as the batch builder, the collator and the sampler."""
 
 import json
@@ -6,15 +6,16 @@ import re
 
 import pytest
 import torch
+from fixtures import ForwardCounter, draw_shape, make_vqa_v2_files, png_bytes, tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures import ForwardCounter, draw_shape, make_vqa_v2_files, png_bytes, tiny_config
-from vqa.data import (BUILTIN_DATASETS, ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator,
-                      builtin_examples, builtin_palette, load_builtin, load_easy_vqa, load_vqa_split, screen_images,
-                      split_by_image, unique_rows)
+from vqa.batching import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, screen_images, unique_rows
 from vqa.errors import DataError
 from vqa.model import VQAModel
+from vqa.records import load_vqa_split, split_by_image
+from vqa.worlds.easy_vqa import load_easy_vqa
+from vqa.worlds.registry import BUILTIN_DATASETS, builtin_examples, builtin_palette, load_builtin
 
 
 def load(files, images=True, **options):

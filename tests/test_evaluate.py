@@ -10,17 +10,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from fixtures import ROOT, make_vqa_v2_files, tiny_config
 from PIL import Image
 
-from fixtures import ROOT, make_vqa_v2_files, tiny_config
+from vqa.batching import ImageSource, QuestionDataset, VQACollator, screen_images
 from vqa.checkpoint import load_checkpoint, save_checkpoint
-from vqa.data import ImageSource, QuestionDataset, VQACollator, load_vqa_split, screen_images
 from vqa.errors import DataError
-from vqa.abstention import aurc, coverage_at_risk
 from vqa.evaluation import Predictions, encode_questions, open_feature_cache, predict_split, run_evaluation
 from vqa.extraction import extract_features
 from vqa.metrics import evaluate_results
 from vqa.model import VQAModel
+from vqa.records import load_vqa_split
+from vqa.reliability.abstention import aurc, coverage_at_risk
 
 SCRIPT = ROOT / "training" / "evaluate.py"
 _spec = importlib.util.spec_from_file_location("evaluate_cli", SCRIPT)
@@ -125,7 +126,7 @@ def test_way1_easy_vqa_test_split(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert evaluate_cli.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "easy-vqa", "--split", "test",
                               "--out", str(out)]) == 0
-    from vqa.data import load_easy_vqa
+    from vqa.worlds.easy_vqa import load_easy_vqa
 
     split = load_easy_vqa("test")
     model, _ = load_checkpoint(tiny_checkpoint)

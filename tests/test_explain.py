@@ -4,9 +4,9 @@ mapped back to the image, localisation on the shipped model."""
 import numpy as np
 import pytest
 import torch
+from fixtures import COLORS, QUESTION, SHAPES, SHIPPED_CHECKPOINT, draw_shape
 from PIL import Image, ImageChops
 
-from fixtures import COLORS, QUESTION, SHAPES, SHIPPED_CHECKPOINT, draw_shape
 from vqa.checkpoint import load_checkpoint
 from vqa.explain import DISPLAY_SIDE, attention_overlays, explain_answer, overlay, to_image_size
 from vqa.images import content_box

@@ -19,12 +19,12 @@ from fixtures import ROOT, draw_shape, make_vqa_v2_files, tiny_config
 from vqa import feature_cache as feature_cache_module
 from vqa.checkpoint import read_card
 from vqa.config import VQAConfig
-from vqa.data import index_image_folder
 from vqa.errors import DataError
 from vqa.extraction import extract_features
-from vqa.feature_cache import INDEX_FILE, FeatureCache, cache_meta, check_compatible, shard_folder
+from vqa.feature_cache import FeatureCache, INDEX_FILE, cache_meta, check_compatible, shard_folder
 from vqa.images import open_image
 from vqa.model import VQAModel
+from vqa.records import index_image_folder
 
 EXTRACT = ROOT / "training" / "extract_features.py"
 TRAIN = ROOT / "training" / "train.py"

@@ -9,8 +9,7 @@ from fixtures import tiny_config
 
 from vqa import feature_cache as feature_cache_module
 from vqa.errors import DataError
-from vqa.feature_cache import (INDEX_FILE, SHARDS_DIR, CacheWriter, FeatureCache, cache_meta, check_compatible,
-                               merge_shards, mismatch, shard_folder, weights_digest)
+from vqa.feature_cache import (CacheWriter, FeatureCache, INDEX_FILE, SHARDS_DIR, cache_meta, check_compatible, merge_shards, mismatch, shard_folder, weights_digest)
 from vqa.model import VQAModel
 
 IDS = [1000 + 7 * n for n in range(7)]

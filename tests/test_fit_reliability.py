@@ -4,10 +4,10 @@ import importlib.util
 import shutil
 
 import pytest
-
 from fixtures import ROOT, make_vqa_v2_files
+
 from vqa.checkpoint import update_card
-from vqa.words import WordVocabulary
+from vqa.reliability.words import WordVocabulary
 
 
 @pytest.fixture(scope="module")

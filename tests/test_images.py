@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from fixtures import ROOT, exif_jpeg
 from PIL import Image
 from timm.data import create_transform
 
-from fixtures import ROOT, exif_jpeg
 from vqa.errors import InputError
 from vqa.images import MAX_ASPECT_RATIO, MAX_PIXELS, ModelTransform, content_box, open_image
 

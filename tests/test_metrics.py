@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqa.data import VQASplit
 from vqa.errors import DataError
 from vqa.metrics import check_results, evaluate_results, load_results, official_round
+from vqa.records import VQASplit
 
 
 def make_split(cases, answer_type="other", question_type="what is the") -> VQASplit:

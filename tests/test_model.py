@@ -2,19 +2,22 @@
 paper's pooled formula, question-guided attention, save/load, the backbone and its transform."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import ForwardCounter, tiny_config
 from PIL import Image
 from timm.data import resolve_data_config
 
-from fixtures import ForwardCounter, tiny_config
 from vqa.checkpoint import load_checkpoint, save_checkpoint
 from vqa.errors import CheckpointError
 from vqa.images import ModelTransform
 from vqa.model import VQAModel, architecture, create_backbone
-from vqa.training import extend_answers
+from vqa.trainer import extend_answers
 
 ANSWERS = ["yes", "no", "red", "circle"]
 
@@ -276,14 +279,13 @@ def cache_weights(hub_cache, state_dict) -> str:
     return str(path)
 
 
-def test_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
+def test_pretrained_weights_offline_come_from_the_cache_or_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     hub_cache = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
-    environment = dict(os.environ)
-    # Not in the cache: a clear error at once, never a download.
-    with pytest.raises(CheckpointError, match="local timm/Hugging Face cache"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache and cannot be downloaded"):
         create_backbone("test_resnet", True)
     torch.manual_seed(5)
     cached = create_backbone("test_resnet").state_dict()
@@ -291,7 +293,67 @@ def test_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch
     loaded = create_backbone("test_resnet", True)
     for key, value in cached.items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert dict(os.environ) == environment  # no process-wide switch (HF_HUB_OFFLINE, ...) was set
+
+
+def test_pretrained_weights_online_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    """--pretrained online: huggingface_hub fetches model.safetensors (here from a local server that
+    answers as the Hub's resolve endpoint does) into the cache; the second time, nothing is fetched."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    weights = create_backbone("test_resnet").state_dict()
+    save_file(weights, tmp_path / "served.safetensors")
+    body = (tmp_path / "served.safetensors").read_bytes()
+    requests = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def _head(self):
+            requests.append((self.command, self.path))
+            if self.path != "/timm/test_resnet.r160_in1k/resolve/main/model.safetensors":
+                self.send_error(404)
+                return False
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", "a" * 40)
+            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return True
+
+        def do_HEAD(self):
+            self._head()
+
+        def do_GET(self):
+            if self._head():
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A user behind a Hub mirror sets HF_ENDPOINT; huggingface_hub reads it when first imported.
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("import sys, torch; from vqa.model import create_backbone, pretrained_weights_file; "
+            "print(pretrained_weights_file('test_resnet')); "
+            "print(float(sum(t.double().sum() for t in create_backbone('test_resnet', True).state_dict().values())))")
+    try:
+        first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr[-2000:]
+        path, total = first.stdout.split()
+        assert Path(path).read_bytes() == body and Path(path).is_relative_to(tmp_path / "hub")
+        assert float(total) == pytest.approx(float(sum(t.double().sum() for t in weights.values())))
+        assert ("GET", "/timm/test_resnet.r160_in1k/resolve/main/model.safetensors") in requests
+        requests.clear()
+        again = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode == 0 and again.stdout == first.stdout and requests == []  # the cache alone
+    finally:
+        server.shutdown()
 
 
 def test_pretrained_weights_file_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""vqa/ood.py (the feature-space OOD detector) and benchmarks/ood_sets.py (the OOD image sets)."""
+"""vqa/reliability/ood.py (the feature-space OOD detector) and benchmarks/ood_sets.py (the OOD image sets)."""
 
 import json
 import multiprocessing
@@ -10,8 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from benchmarks import ood_sets
 from vqa.errors import CheckpointError
-from vqa.ood import META_FILE, TENSORS_FILE, FeatureDensity, auroc
-
+from vqa.reliability.ood import META_FILE, TENSORS_FILE, FeatureDensity, auroc
 
 DIM = 128  # at 64 dimensions a 0.75-sigma shift of the centres is harder: AUROC 0.982
 

@@ -13,17 +13,18 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 import torch
+from fixtures import (COLORS, QUESTION, ROOT, SHAPES, ForwardCounter, call_within, draw_shape, exif_jpeg, jpeg_bytes,
+                      jpeg_claiming_size, png_bytes, png_claiming_size, wait_until)
 from PIL import Image
 
-from fixtures import (QUESTION, ROOT, COLORS, SHAPES, ForwardCounter, call_within, draw_shape, exif_jpeg,
-                      jpeg_bytes, jpeg_claiming_size, png_bytes, png_claiming_size, wait_until)
 import vqa.predict
 from vqa.errors import InputError
-from vqa.ood import FeatureDensity
-from vqa.predict import MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, check_question, percent
+from vqa.predict import MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, check_question
 from vqa.predict import main as predict_main
+from vqa.predict import percent
+from vqa.reliability.ood import FeatureDensity
+from vqa.reliability.words import WordVocabulary
 from vqa.text import pad_questions
-from vqa.words import WordVocabulary
 
 NUM_ANSWERS = 13  # easy-VQA's answers
 

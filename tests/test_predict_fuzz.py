@@ -2,10 +2,10 @@
 either answers with valid probabilities or raises InputError. Nothing else."""
 
 import pytest
+from fixtures import QUESTION, draw_shape, png_bytes
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fixtures import QUESTION, draw_shape, png_bytes
 from vqa.errors import InputError
 from vqa.predict import Answer, Predictor
 

@@ -1,8 +1,8 @@
 """vqa/programs.py: side-loss targets from a question's program, or from its words."""
 
-from vqa.programs import (program_nodes, program_targets, question_targets, side_target_vocabulary,
-                          word_targets)
-from vqa.shapes_questions import execute, parse_question
+from vqa.programs import program_nodes, program_targets, question_targets, side_target_vocabulary, word_targets
+from vqa.worlds.shapes.questions import parse_question
+from vqa.worlds.shapes.templates import execute
 
 # "Are there more red circles left of the small square than outline things?"
 NESTED = ("greater_than", None,

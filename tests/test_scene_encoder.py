@@ -4,15 +4,14 @@ import json
 
 import pytest
 import torch
+from fixtures import tiny_config
 from safetensors.torch import load_file
 
 from vqa.errors import DataError
 from vqa.model import VQAModel
 from vqa.scene_encoder import (ENCODER_WEIGHTS, EncoderOptions, SceneDataset, SceneEncoder, attribute_values,
                                dense_targets, load_encoder, read_scenes, scene_accuracy, train_scene_encoder)
-from vqa.shapes_world import write_split
-
-from fixtures import tiny_config
+from vqa.worlds.shapes import write_split
 
 ATTRIBUTES = {"color": ["blue", "red"], "shape": ["circle", "square"]}
 

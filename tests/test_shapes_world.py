@@ -1,5 +1,5 @@
-"""The shapes world: scenes, pictures, questions, answers, balance and files (vqa/shapes_world.py,
-vqa/shapes_questions.py). Answers are checked against hand-placed scenes and against checks
+"""The shapes world: scenes, pictures, questions, answers, balance and files (vqa/worlds/shapes/).
+Answers are checked against hand-placed scenes and against checks
 written here independently of the executor."""
 
 import importlib.util
@@ -9,16 +9,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-import vqa.shapes_world as world
 from fixtures import ROOT
-from vqa.data import load_vqa_split
+
+import vqa.worlds.shapes.files as world
 from vqa.errors import InputError
 from vqa.metrics import blind_baseline
-from vqa.shapes_questions import (AMBIGUOUS, ATTRIBUTES, FAMILIES, NO_TEMPLATE, TEMPLATES, QuestionGenerator,
-                                  answer_or_reason, parse_question, suggest_questions, true_answer)
-from vqa.shapes_world import (COLORS, WorldConfig, generate_scenes, load_shapes_world, object_mask, random_scene,
-                              render_scene, scene_from_rows, scene_to_rows, split_files, write_split)
+from vqa.records import load_vqa_split
+from vqa.worlds.registry import load_shapes_world
+from vqa.worlds.shapes import (COLORS, WorldConfig, generate_scenes, random_scene, render_scene, scene_from_rows,
+                               scene_to_rows, split_files, write_split)
+from vqa.worlds.shapes.questions import (AMBIGUOUS, NO_TEMPLATE, QuestionGenerator, answer_or_reason, parse_question,
+                                         suggest_questions, true_answer)
+from vqa.worlds.shapes.templates import ATTRIBUTES, FAMILIES, TEMPLATES
 
 CONFIG = WorldConfig()
 SMALL = dict(image_size=64)  # tiny files for the writer's tests
@@ -109,12 +111,18 @@ def test_scenes_follow_the_world_rules():
     assert set(counts) == set(ATTRIBUTES["shape"])
 
 
+def _drawn_pixels(scene: dict, obj: dict) -> np.ndarray:
+    """(H, W) bool: the pixels where drawing `obj` alone changes the scene's empty picture."""
+    alone, empty = render_scene({**scene, "objects": [obj]}), render_scene({**scene, "objects": []})
+    return np.any(np.asarray(alone) != np.asarray(empty), axis=2)
+
+
 def test_rendered_objects_do_not_overlap_and_show_their_colour():
     for seed in range(12):
         scene = random_scene(seed)
         image = np.asarray(render_scene(scene)).astype(int)
         assert image.shape == (128, 128, 3)
-        masks = [object_mask(o, 128) for o in scene["objects"]]
+        masks = [_drawn_pixels(scene, o) for o in scene["objects"]]
         assert all(m.sum() > 30 for m in masks)
         assert np.sum(masks, axis=0).max() == 1  # no pixel touched by two objects
         for obj in scene["objects"]:

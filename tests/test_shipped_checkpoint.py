@@ -2,15 +2,18 @@
 
 import numpy as np
 import pytest
+from fixtures import ROOT
 from PIL import Image
 
-from fixtures import ROOT
+from vqa.batching import ImageSource
 from vqa.checkpoint import load_checkpoint, read_card
-from vqa.data import BUILTIN_DATASETS, ImageSource, load_builtin, load_easy_vqa, split_by_image
 from vqa.evaluation import predict_split
 from vqa.metrics import evaluate_results
-from vqa.ood import FeatureDensity
-from vqa.reliability import fit_threshold, pooled_features
+from vqa.records import split_by_image
+from vqa.reliability.fit import pooled_features, threshold_facts
+from vqa.reliability.ood import FeatureDensity
+from vqa.worlds.easy_vqa import load_easy_vqa
+from vqa.worlds.registry import BUILTIN_DATASETS, load_builtin
 
 SHIPPED = sorted(p for p in (ROOT / "checkpoints").iterdir() if (p / "model.safetensors").is_file())
 MIN_ACCURACY = {"easy-vqa": 99.5}  # the README's promise; the shapes-world models are held to their cards
@@ -69,8 +72,10 @@ def test_the_card_states_the_accuracy_per_template_measured_again(shipped):
 def test_the_answer_threshold_is_what_validation_gives(shipped):
     folder, model, tokenizer, card, _, _ = shipped
     val = validation_split(card["dataset"], card.get("seed", 0))
-    measured = fit_threshold(model, tokenizer, val, ImageSource(val.image_paths, model.image_transform()))
-    assert card["answer_threshold"] == pytest.approx(measured["answer_threshold"], abs=1e-6)
+    measured = threshold_facts(val, predict_split(model, tokenizer, val, progress=False))
+    # Batch composition and thread count move a float32 confidence by about 1e-5; a threshold fitted
+    # on another split or model is off by far more.
+    assert card["answer_threshold"] == pytest.approx(measured["answer_threshold"], abs=1e-4)
 
 
 def test_its_own_test_images_are_rarely_flagged_and_noise_always(shipped):

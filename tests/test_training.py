@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import ROOT, make_vqa_v2_files
+
 from vqa.checkpoint import load_checkpoint, read_card
-from vqa.training import last_complete_checkpoint
+from vqa.trainer import last_complete_checkpoint
 
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--crop-pct", "1.0", "--embed-dim", "16",
         "--lstm-hidden", "24", "--common-dim", "32", "--classifier-hidden", "32", "--dropout", "0.1",
@@ -175,9 +175,9 @@ def test_a_signal_after_training_lets_the_final_save_finish_a_second_stops_it(tm
     """Training is over when the reliability files are fitted: one SIGTERM there says at once that
     the final save is finishing and lets it finish; a second stops at once, and the Trainer's last
     checkpoint, of the last step, stays for --resume. In-process: the signals arrive at a known point."""
-    import vqa.training
+    import vqa.trainer
 
-    fit_reliability, notices = vqa.training.fit_reliability, []
+    fit_reliability, notices = vqa.trainer.fit_reliability, []
 
     def signalled(*args, **kwargs):
         for _ in range(signals):
@@ -185,7 +185,7 @@ def test_a_signal_after_training_lets_the_final_save_finish_a_second_stops_it(tm
         notices.append(capsys.readouterr().err)
         return fit_reliability(*args, **kwargs)
 
-    monkeypatch.setattr(vqa.training, "fit_reliability", signalled)
+    monkeypatch.setattr(vqa.trainer, "fit_reliability", signalled)
     handler = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "model"
     args = ["--output-dir", str(out), *TINY, *data, "--epochs", "1"]
@@ -198,7 +198,7 @@ def test_a_signal_after_training_lets_the_final_save_finish_a_second_stops_it(tm
         assert "--resume" in capsys.readouterr().err
         state = json.loads((last_complete_checkpoint(Path(f"{out}.trainer")) / "trainer_state.json").read_text())
         assert state["global_step"] == state["max_steps"]
-        monkeypatch.setattr(vqa.training, "fit_reliability", fit_reliability)
+        monkeypatch.setattr(vqa.trainer, "fit_reliability", fit_reliability)
         assert _train_script().main([*args, "--resume"]) == 0  # trains no step, measures and saves
         assert "answer_threshold" in read_card(out)
     assert signal.getsignal(signal.SIGTERM) is handler  # training's handlers are gone with it
@@ -332,9 +332,8 @@ def test_a_checkpoint_config_out_of_range_names_the_file_and_field(tmp_path, tin
 
 
 def test_train_scenes_sizes_the_shapes_world_training_split_only(tmp_path, monkeypatch):
-    from vqa.data import load_builtin
     from vqa.errors import DataError
-    from vqa.shapes_world import load_shapes_world
+    from vqa.worlds.registry import load_builtin, load_shapes_world
 
     monkeypatch.setenv("VQA_CACHE_DIR", str(tmp_path))
     larger = load_builtin("shapes-world", "train", scenes=7)

@@ -1,11 +1,11 @@
-"""vqa/words.py: the word vocabulary of the training questions."""
+"""vqa/reliability/words.py: the word vocabulary of the training questions."""
 
 import json
 
 import pytest
 
 from vqa.errors import CheckpointError
-from vqa.words import WORDS_FILE, WordVocabulary, question_words
+from vqa.reliability.words import WORDS_FILE, WordVocabulary, question_words
 
 
 @pytest.mark.parametrize("text, words", [

@@ -28,10 +28,10 @@ skipped any. Exit status 2 with "error: ..." for bad data, results or checkpoint
 import argparse
 import sys
 
-from vqa.data import BUILTIN_DATASETS
 from vqa.errors import VQAError
 from vqa.evaluation import DEFAULT_BATCH_SIZE, run_evaluation
 from vqa.report import format_summary
+from vqa.worlds.registry import BUILTIN_DATASETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,8 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="checkpoint folder: predict with it")
     parser.add_argument("--results", help="results JSON to score instead of predicting")
     parser.add_argument("--dataset", choices=list(BUILTIN_DATASETS), help="a built-in dataset")
-    parser.add_argument("--split", choices=["train", "val", "test"], default="test",
-                        help="split of the built-in dataset (easy-vqa has train and test)")
+    parser.add_argument("--hf-path", help="VQA v2 parquet: a file, a folder of them, or a Hugging Face dataset "
+                                          "name (lmms-lab/VQAv2), converted once into the cache")
+    parser.add_argument("--split", default="test",
+                        help="split of the built-in dataset (train, val, test; easy-vqa has train and test) "
+                             "or of --hf-path (validation, testdev, ...)")
     parser.add_argument("--questions", help="VQA v2-layout questions JSON")
     parser.add_argument("--annotations", help="VQA v2-layout annotations JSON (absent: predict only)")
     parser.add_argument("--images", help="folder of the images (COCO_<subtype>_<id>.jpg or <id>.png)")
@@ -55,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.results is None):
         parser.error("give --checkpoint (to predict) or --results (to score a results file), not both")
-    if (args.dataset is None) == (args.questions is None):
-        parser.error("give --dataset NAME or --questions, not both")
+    if sum(x is not None for x in (args.dataset, args.questions, args.hf_path)) != 1:
+        parser.error("give one of --dataset NAME, --hf-path SOURCE or --questions")
     if args.results is not None and args.questions is not None and args.annotations is None:
         parser.error("scoring --results needs --annotations")
     return args
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
             args.out, checkpoint=args.checkpoint, results_file=args.results, dataset=args.dataset,
             split=args.split, questions=args.questions, annotations=args.annotations, images=args.images,
             feature_cache=args.feature_cache, batch_size=args.batch_size, skip_bad_images=args.skip_bad_images,
-            allow_nonstandard_answers=args.allow_nonstandard_answers,
+            allow_nonstandard_answers=args.allow_nonstandard_answers, hf_path=args.hf_path,
             log=lambda message: print(message, file=sys.stderr),
         )
     except VQAError as error:

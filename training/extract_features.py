@@ -48,10 +48,10 @@ from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from vqa.config import VQAConfig, cli_dataclass, model_options, option
-from vqa.data import index_image_folder, load_vqa_split
 from vqa.errors import DataError, VQAError
 from vqa.extraction import extract_features
 from vqa.model import VQAModel
+from vqa.records import index_image_folder, load_vqa_split
 
 SKIPPED_FILE = "skipped_images.json"
 # The model options that change the features; the rest (sizes of the heads) do not.

@@ -23,12 +23,13 @@ from dataclasses import dataclass, fields
 
 from transformers import HfArgumentParser
 
+from vqa.batching import ImageSource
 from vqa.checkpoint import load_checkpoint, read_card, update_card
-from vqa.config import check_options, cli_dataclass, option
-from vqa.data import BUILTIN_DATASETS, ImageSource
+from vqa.config import TrainOptions, check_options, cli_dataclass, option
 from vqa.errors import OptionError, VQAError
-from vqa.reliability import fit_reliability
-from vqa.training import TrainOptions, prepare_data
+from vqa.reliability.fit import fit_reliability
+from vqa.trainer import prepare_data
+from vqa.worlds.registry import BUILTIN_DATASETS
 
 _TRAINING = {f.name: f for f in fields(TrainOptions)}
 

@@ -1,4 +1,4 @@
-"""Write a split of the shapes world (a 2D CLEVR, vqa/shapes_world.py) in the VQA v2 layout.
+"""Write a split of the shapes world (a 2D CLEVR, vqa/worlds/shapes/) in the VQA v2 layout.
 
     # the test split with its default size (1000 scenes, 10 questions each)
     python training/make_shapes_world.py --out data/shapes --split test
@@ -15,7 +15,7 @@
     # the picture of docs/shapes-world.md: one scene and five questions
     python training/make_shapes_world.py --sample docs/shapes-world-sample.png --seed 7
 
-The files read with vqa.data.load_vqa_split(OUT/shapes_world_SPLIT_questions.json,
+The files read with vqa.records.load_vqa_split(OUT/shapes_world_SPLIT_questions.json,
 OUT/shapes_world_SPLIT_annotations.json, OUT/SPLIT). The same --seed and sizes give the
 same files, byte for byte; `load_shapes_world(split)` caches exactly what this writes.
 """
@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vqa.errors import DataError, VQAError
 from vqa.metrics import blind_baseline
-from vqa.shapes_questions import suggest_questions
-from vqa.shapes_world import SPLITS, WorldConfig, random_scene, render_scene, split_files, write_split
+from vqa.worlds.shapes import SPLITS, WorldConfig, random_scene, render_scene, split_files, write_split
+from vqa.worlds.shapes.questions import suggest_questions
 
 DEFAULTS = WorldConfig()
 
@@ -80,7 +80,7 @@ def sample_picture(seed: int, config: WorldConfig, questions: int = 5, zoom: int
 
 
 def print_baseline(out: Path, split: str) -> None:
-    from vqa.data import load_vqa_split  # imports torch: only when asked for
+    from vqa.records import load_vqa_split  # imports torch: only when asked for
 
     if not split_files(out, "train")["questions"].is_file():
         raise DataError(f"--blind-baseline learns from the train split in {out}: write it first (--split train)")

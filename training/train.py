@@ -2,7 +2,7 @@
 
     # the shipped easy-VQA checkpoint (about 4 minutes on a 2-core CPU)
     python training/train.py --dataset easy-vqa --output-dir checkpoints/easy-vqa \\
-        --backbone resnet10t --image-size 64 --crop-pct 1.0 --embed-dim 64 --lstm-hidden 128 \\
+        --backbone resnet10t --image-size 64 --embed-dim 64 --lstm-hidden 128 \\
         --common-dim 512 --classifier-hidden 512 --dropout 0 --epochs 8 \\
         --learning-rate 2e-3 --backbone-learning-rate 5e-4 --save-half
 
@@ -25,8 +25,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-from vqa.config import cli_dataclass, model_options
-from vqa.training import TrainOptions, exit_status, train
+from vqa.config import TrainOptions, cli_dataclass, model_options
+from vqa.trainer import exit_status, train
 
 ModelOptions = cli_dataclass("ModelOptions", model_options())
 TrainFlags = cli_dataclass("TrainOptions", dataclasses.fields(TrainOptions))

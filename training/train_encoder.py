@@ -21,7 +21,7 @@ from transformers import HfArgumentParser
 
 from vqa.config import cli_dataclass
 from vqa.scene_encoder import EncoderOptions, train_scene_encoder
-from vqa.training import exit_status, run_command
+from vqa.trainer import exit_status, run_command
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,7 @@ import torch
 import yaml
 from huggingface_hub import ModelCardData
 from huggingface_hub.repocard import metadata_load
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import VQAConfig, check_options
 from .errors import CheckpointError
@@ -104,7 +103,7 @@ def load_checkpoint(folder: str | Path):
         raise CheckpointError(f"{folder / CONFIG_FILE} cannot be read as a VQA model's config: {error}") from error
     check_options(vars(config), fields(VQAConfig), f"{folder / CONFIG_FILE}: ")
     try:
-        # Weights may be stored in half precision (the shipped checkpoint is); compute in float32.
+        # Weights may be stored in half precision (the shipped checkpoints are); compute in float32.
         model = VQAModel.from_pretrained(folder, config=config, use_safetensors=True, dtype=torch.float32)
     except (RuntimeError, ValueError, OSError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {error}") from error

@@ -1,11 +1,12 @@
-"""VQAConfig: every size of the model, and the answer vocabulary (id2label).
+"""VQAConfig: every size of the model, and the answer vocabulary (id2label); TrainOptions: the
+settings of a training run. Each with its help text and allowed values.
 
-The one place a model option is written: `training/train.py` builds its command-line
+The one place an option is written: `training/train.py` builds its command-line
 options from these fields (their `help`), so sizes are never copied elsewhere.
 """
 
 import math
-from dataclasses import field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 
 from transformers import PretrainedConfig
 
@@ -115,3 +116,55 @@ def model_options() -> list:
     """The dataclass fields of VQAConfig's own options (not PretrainedConfig's, not derived)."""
     own = VQAConfig.__annotations__
     return [f for f in fields(VQAConfig) if f.name in own and f.name not in DERIVED_FIELDS]
+
+
+@dataclass
+class TrainOptions:
+    """Options of a training run. The model's own options (sizes, backbone, attention) are
+    VQAConfig's fields; `training/train.py` offers both."""
+
+    output_dir: str = option("checkpoints/my-model", "checkpoint folder to write (Trainer state goes to OUTPUT_DIR.trainer)")
+    dataset: str = option("easy-vqa", "'easy-vqa' or 'shapes-world' (built in), 'files' (VQA v2 layout) "
+                                   "or 'hf' (VQA v2 parquet, --hf-path)")
+    train_scenes: int | None = option(None, "shapes-world: training scenes, generated and cached on first use "
+                                             "(default 6,000; validation and test stay the built-in splits)",
+                                      low=1, high=10_000_000)
+    train_questions: str | None = option(None, "questions JSON of the training split (--dataset files)")
+    train_annotations: str | None = option(None, "annotations JSON of the training split (--dataset files)")
+    train_images: str | None = option(None, "image folder of the training split (--dataset files)")
+    hf_path: str | None = option(None, "VQA v2 parquet for --dataset hf (a file, a folder of them, or a Hugging Face "
+                                         "dataset name such as lmms-lab/VQAv2), converted once into the cache")
+    hf_split: str = option("train", "the parquet split to train on (--dataset hf; lmms-lab/VQAv2 has "
+                                    "validation and testdev)")
+    hf_test_split: str | None = option(None, "a parquet split to score once at the end (--dataset hf)")
+    test_questions: str | None = option(None, "questions JSON of a test split, scored once at the end")
+    test_annotations: str | None = option(None, "annotations JSON of the test split")
+    test_images: str | None = option(None, "image folder of the test split")
+    pretrained: bool = option(False, "start the backbone from ImageNet weights in the local timm/Hugging Face cache")
+    backbone_weights: str | None = option(None, "start the backbone from this .safetensors weights file")
+    top_answers: int = option(3129, "answer vocabulary: the most frequent normalised answers", low=1, high=100_000)
+    tokenizer_vocab: int = option(4000, "SentencePiece vocabulary size (fewer when the questions have fewer pieces)",
+                                  low=8, high=1_000_000)
+    epochs: float = option(10, "training epochs", above=0, high=100_000)
+    batch_size: int = option(128, "questions per step and process", low=1, high=1_000_000)
+    learning_rate: float = option(1e-3, "peak learning rate of the heads (cosine schedule with warm-up)",
+                                  low=0, high=10)
+    backbone_learning_rate: float | None = option(
+        None, "learning rate of the CNN (default: --learning-rate); a CNN trained from scratch wants less",
+        low=0, high=10)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0, high=10)
+    warmup_ratio: float = option(0.05, "fraction of the steps spent warming up the learning rate", low=0, high=0.99)
+    max_grad_norm: float = option(5.0, "gradient clipping norm", above=0)
+    val_fraction: float = option(0.1, "fraction of the training images held out for validation (no val split)",
+                                 above=0, high=0.9)
+    seed: int = option(0, "seed of initialisation, split and batch order")
+    init_from: str | None = option(None, "fine-tune this checkpoint: keep its tokenizer and answers, add new ones")
+    resume: bool = option(False, "continue from the last complete checkpoint in OUTPUT_DIR.trainer")
+    num_workers: int = option(0, "data loading processes", low=0, high=256)
+    feature_cache: str | None = option(None, "feature cache folder (frozen backbone); default OUTPUT_DIR.features")
+    max_train_questions: int | None = option(None, "use only this many training questions (a quick run)", low=1)
+    skip_bad_images: bool = option(False, "drop unreadable images (listed in OUTPUT_DIR/skipped_images.json) "
+                                          "instead of stopping before the first step")
+    allow_nonstandard_answers: bool = option(False, "accept questions with other than 10 human answers")
+    save_half: bool = option(False, "store the final weights in float16 (half the size)")
+    logging_steps: int = option(20, "steps between loss logs", low=1)

@@ -15,15 +15,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .abstention import plot_risk_coverage, risk_coverage_curve, summary
+from .batching import ImageSource, QuestionDataset, screen_images, unique_rows
 from .checkpoint import load_checkpoint
-from .data import (ImageSource, QuestionDataset, VQASplit, unique_rows, load_builtin, load_vqa_split,
-                   screen_images)
 from .errors import DataError
 from .feature_cache import FeatureCache, cache_meta, mismatch
+from .hf_parquet import load_hf_split
 from .metrics import evaluate_results, load_results
+from .records import VQASplit, load_vqa_split
+from .reliability.abstention import plot_risk_coverage, risk_coverage_curve, summary
 from .report import RISK_COVERAGE_FILE, write_report
 from .text import pad_questions
+from .worlds.registry import load_builtin
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.json"
@@ -39,8 +41,11 @@ class Predictions:
 
 
 def load_split(dataset: str | None = None, split: str = "test", questions=None, annotations=None, images=None,
-               allow_nonstandard_answers: bool = False) -> VQASplit:
-    """A built-in dataset by name, or VQA v2-layout files. `images` may be None to score results only."""
+               allow_nonstandard_answers: bool = False, hf_path: str | None = None) -> VQASplit:
+    """A built-in dataset by name, VQA v2 parquet (`hf_path`, its `split`), or VQA v2-layout files.
+    `images` may be None to score results only."""
+    if hf_path is not None:
+        return load_hf_split(hf_path, split, allow_nonstandard_answers=allow_nonstandard_answers)
     if dataset is not None:
         return load_builtin(dataset, split)
     if questions is None:
@@ -187,7 +192,7 @@ def write_evaluation(out: str | Path, split: VQASplit, results: list[dict], skip
 
 
 def abstention_figures(metrics: dict, confidence: dict[int, float], plot: Path) -> dict:
-    """Coverage at 1 % and 5 % risk, AURC and effective reliability (vqa/abstention.py), and the
+    """Coverage at 1 % and 5 % risk, AURC and effective reliability (vqa/reliability/abstention.py), and the
     risk-coverage curve drawn to `plot`."""
     ids = list(metrics["perQuestion"])
     scores = np.array([confidence[i] for i in ids])
@@ -201,13 +206,13 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
                    split: str = "test", questions=None, annotations=None, images=None, feature_cache=None,
                    batch_size: int = DEFAULT_BATCH_SIZE, skip_bad_images: bool = False,
                    allow_nonstandard_answers: bool = False, progress: bool = True,
-                   log=print) -> tuple[dict | None, list[dict]]:
+                   log=print, hf_path: str | None = None) -> tuple[dict | None, list[dict]]:
     """What `training/evaluate.py` does: predict with `checkpoint` (or read `results_file`),
     score when annotations exist, and write everything into `out`. Returns (metrics, skipped)."""
     _output_folder(out)  # before the work, not after it
     data = load_split(dataset, split, questions, annotations, images if checkpoint is not None else None,
-                      allow_nonstandard_answers)
-    source = {"Data": f"{dataset} {split}" if dataset else str(questions)}
+                      allow_nonstandard_answers, hf_path)
+    source = {"Data": f"{hf_path or dataset} {split}" if hf_path or dataset else str(questions)}
     if annotations is not None:
         source["Annotations"] = str(annotations)
     skipped: list[dict] = []
@@ -223,7 +228,7 @@ def run_evaluation(out: str | Path, checkpoint=None, results_file=None, dataset:
             else:
                 source["Feature cache"] = str(feature_cache)
         if cache is None:
-            if images is None and dataset is None:
+            if images is None and dataset is None and hf_path is None:
                 raise DataError("predicting needs the images: give --images (or a matching --feature-cache)")
             scored = screen_images(data, skip_bad_images)
             skipped = scored.skipped

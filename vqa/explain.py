@@ -26,6 +26,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from .images import content_box
+from .model import evaluating
 
 GRID = 12  # patch positions along each side
 PATCH_FRACTION = 0.2  # patch side, as a fraction of the model's input side
@@ -76,21 +77,17 @@ def occlusion_map(model, pixels: torch.Tensor, input_ids: list[int], target: int
         others = torch.cat([log_p[:, :answer], log_p[:, answer + 1:]], dim=1)
         return log_p[:, answer] - others.logsumexp(dim=1)
 
-    was_training = model.training
-    model.eval()  # BatchNorm and dropout as at prediction, whatever mode the caller left
-    try:
-        with torch.inference_mode():
-            base = log_probabilities(pixels[None])
-            target = int(base[0].argmax()) if target is None else target
-            drops = []
-            for start in range(0, len(positions), CHUNK):
-                chunk = positions[start:start + CHUNK]
-                occluded = pixels.repeat(len(chunk), 1, 1, 1)  # (n, 3, S, S)
-                for row, (top, left) in enumerate(chunk):
-                    occluded[row, :, top:top + patch_h, left:left + patch_w] = fill
-                drops.append((log_odds(base, target) - log_odds(log_probabilities(occluded), target)).abs())
-    finally:
-        model.train(was_training)
+    # BatchNorm and dropout as at prediction, whatever mode the caller left
+    with evaluating(model), torch.inference_mode():
+        base = log_probabilities(pixels[None])
+        target = int(base[0].argmax()) if target is None else target
+        drops = []
+        for start in range(0, len(positions), CHUNK):
+            chunk = positions[start:start + CHUNK]
+            occluded = pixels.repeat(len(chunk), 1, 1, 1)  # (n, 3, S, S)
+            for row, (top, left) in enumerate(chunk):
+                occluded[row, :, top:top + patch_h, left:left + patch_w] = fill
+            drops.append((log_odds(base, target) - log_odds(log_probabilities(occluded), target)).abs())
     drops = torch.cat(drops).numpy()
     drops[drops < MIN_CHANGE] = 0.0
 

@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import DataError, InputError
-from .feature_cache import (CacheWriter, FeatureCache, cache_meta, evaluating, merge_shards, mismatch,
-                            read_index, shard_folder, shard_folders)
+from .feature_cache import (CacheWriter, FeatureCache, cache_meta, merge_shards, mismatch, read_index, shard_folder,
+                            shard_folders)
 from .images import open_image
+from .model import evaluating
 
 # Rank 0 merges the shards while the others wait: a map cache of VQA v2 (tens of GB) takes
 # minutes to copy, well past torch's default 10-minute barrier timeout on gloo.

@@ -23,7 +23,6 @@ import hashlib
 import json
 import shutil
 import weakref
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from PIL import Image
 
 from .errors import DataError
 from .files import atomic_path, atomic_write_text
+from .model import evaluating
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.json"
@@ -143,19 +143,6 @@ def _weights_version(module: torch.nn.Module) -> tuple | None:
                      for name, t in module.state_dict(keep_vars=True).items())
     except RuntimeError:
         return None
-
-
-@contextmanager
-def evaluating(model: torch.nn.Module):
-    """The model in eval mode (dropout off, BatchNorm statistics fixed), each submodule's
-    own mode restored after: a frozen backbone may be in eval mode inside a training model."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _memoised(memo: "weakref.WeakKeyDictionary", owner, key, compute):

@@ -164,7 +164,7 @@ class ModelTransform:
     64 x 640,000 pixels on the way (+193 MB measured at 64, +2 GB at 224). Here the longer side
     is resized to fit, so the work never exceeds H x W output pixels, and the padding is 0 after
     normalisation (the mean colour). A square image gives exactly timm's pixels at crop_pct=1.0,
-    which the shipped checkpoint was trained with; crop_pct is not used.
+    which the shipped easy-VQA checkpoint was trained with; crop_pct is not used.
     """
 
     def __init__(self, data_config: dict):

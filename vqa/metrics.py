@@ -22,8 +22,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from .answers import vqa_accuracy
-from .data import VQASplit, read_json
 from .errors import DataError
+from .records import VQASplit, read_json
 
 DIGITS = 2  # VQAEval(n=2): the precision every official figure is rounded to
 _SHOWN = 5  # how many offending ids or positions an error message names

@@ -6,6 +6,7 @@ common space with Linear + tanh, multiplied elementwise, and classified over the
 top answers.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,29 +24,34 @@ from .errors import CheckpointError
 from .images import ModelTransform
 
 
-def _cached_weights_file(name: str) -> str:
-    """The path of timm model `name`'s ImageNet weights (model.safetensors) in the local
-    Hugging Face cache, found with huggingface_hub's `try_to_load_from_cache`: nothing is
-    downloaded, and nothing process-wide (such as HF_HUB_OFFLINE) is changed to make sure of it."""
-    from huggingface_hub import try_to_load_from_cache
+def pretrained_weights_file(name: str) -> str:
+    """The path of timm model `name`'s ImageNet weights (model.safetensors): from the local Hugging
+    Face cache, else downloaded into it (huggingface_hub; HF_HUB_OFFLINE=1 forbids the download)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     cfg = timm.models.get_pretrained_cfg(name)
     hub_id = cfg.hf_hub_id if cfg is not None else None
-    found = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
-    if not isinstance(found, str):
+    if not hub_id:
+        raise CheckpointError(f"timm model {name!r} names no Hugging Face weights: pass the path of a "
+                              ".safetensors weights file instead, or train from scratch without --pretrained.")
+    try:
+        return hf_hub_download(hub_id, "model.safetensors")
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
         raise CheckpointError(
-            f"no pretrained weights for timm model {name!r} in the local timm/Hugging Face cache "
-            f"(looked for {hub_id or 'a Hugging Face hub id'}/model.safetensors). Put them in the cache, "
-            "pass the path of a .safetensors weights file instead, or train from scratch without --pretrained."
-        )
-    return found
+            f"no pretrained weights for timm model {name!r}: {hub_id}/model.safetensors is not in the local "
+            "Hugging Face cache and cannot be downloaded (offline). Download it once online, pass the path of "
+            "a .safetensors weights file instead, or train from scratch without --pretrained.") from None
+    except (HfHubHTTPError, OSError) as error:
+        raise CheckpointError(f"pretrained weights for timm model {name!r} ({hub_id}/model.safetensors) could "
+                              f"not be downloaded: {str(error).splitlines()[0]}") from None
 
 
 def create_backbone(name: str, pretrained: bool | str = False, output_stride: int | None = None) -> nn.Module:
     """A timm model that returns pooled features (num_classes=0).
 
     `pretrained`: False (random init), True (ImageNet weights from the local timm /
-    Hugging Face cache: nothing is downloaded), or the path of a weights file.
+    Hugging Face cache, downloaded into it when missing and online), or the path of a weights file.
     `output_stride` (8, 16) keeps a finer spatial map by dilating the last stages.
     """
     options = {"num_classes": 0}
@@ -54,7 +60,7 @@ def create_backbone(name: str, pretrained: bool | str = False, output_stride: in
     if pretrained is False:
         return timm.create_model(name, pretrained=False, **options)
     if pretrained is True:
-        path = _cached_weights_file(name)
+        path = pretrained_weights_file(name)
     else:
         path = Path(pretrained)
         if not path.is_file():
@@ -325,3 +331,16 @@ def architecture(config: VQAConfig) -> str:
     words = " with a word-level path" if config.question_word_path else ""
     return (f"{image} + {config.lstm_layers}-layer LSTM ({config.lstm_hidden} units){words}, "
             f"fused by elementwise product in {config.common_dim} dimensions")
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode (dropout off, BatchNorm statistics fixed), each submodule's
+    own mode restored after: a frozen backbone may be in eval mode inside a training model."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batching import unique_rows
 from .checkpoint import load_checkpoint, read_card
-from .data import unique_rows
 from .errors import CheckpointError, InputError
 from .explain import attention_overlays, explain_answer
 from .images import open_image
 from .model import architecture
-from .ood import FeatureDensity
+from .reliability.ood import FeatureDensity
+from .reliability.words import WordVocabulary, question_words
 from .text import pad_questions
-from .words import WordVocabulary, question_words
 
 MAX_QUESTION_CHARS = 300
 DEFAULT_TOP_K = 5
@@ -57,7 +57,7 @@ def check_question(question) -> str:
             f"the question is {len(question)} characters long, over the limit of {MAX_QUESTION_CHARS}"
         )
     # Without a word the answer is a confident guess: the shipped models said "no" at 100 % to
-    # "😀😀😀😀" and "triangle" at 93 % to "!!!". A word is what vqa.words counts as one.
+    # "😀😀😀😀" and "triangle" at 93 % to "!!!". A word is what vqa.reliability.words counts as one.
     if not question_words(question):
         raise InputError("the question has no words (only symbols or emoji): ask in words")
     return question

@@ -3,7 +3,7 @@
 from collections import Counter
 from pathlib import Path
 
-from .data import VQASplit
+from .records import VQASplit
 
 REPORT_FILE = "report.md"
 CHART_FILE = "accuracy_per_answer_type.png"
@@ -28,10 +28,9 @@ def _counts(records: list[dict], key: str) -> Counter:
 
 
 def plot_answer_type_accuracy(metrics: dict, counts: Counter, path: str | Path) -> Path:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     types = list(metrics["perAnswerType"])
     values = [metrics["perAnswerType"][t] for t in types]

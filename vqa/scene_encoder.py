@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import DataError
-from .feature_cache import evaluating
-from .images import content_box, open_image
-from .model import backbone_transform, create_backbone
 from .config import check_options, option
-from .data import read_json
+from .errors import DataError
+from .images import content_box, open_image
+from .model import backbone_transform, create_backbone, evaluating
+from .records import read_json
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"
@@ -232,7 +231,7 @@ class EncoderOptions:
 def encoder_data(options: "EncoderOptions") -> tuple[list[Scene], list[Scene]]:
     """(training scenes, held-out scenes)."""
     if options.dataset == "shapes-world":
-        from .shapes_world import builtin_scene_files
+        from .worlds.shapes import builtin_scene_files
 
         return tuple(read_scenes(*builtin_scene_files(split)) for split in ("train", "val"))
     if options.dataset == "files":
@@ -268,7 +267,7 @@ def train_scene_encoder(options: EncoderOptions, command: str) -> dict:
 
     from transformers import Trainer, TrainingArguments
 
-    from .training import StopOnSignal, TrainingInterrupted, last_complete_checkpoint
+    from .trainer import StopOnSignal, TrainingInterrupted, last_complete_checkpoint
 
     check_options(vars(options), fields(EncoderOptions))
     train_scenes, val_scenes = encoder_data(options)

@@ -46,8 +46,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .errors import CheckpointError
-from .files import atomic_path, atomic_write_text
+from ..errors import CheckpointError
+from ..files import atomic_path, atomic_write_text
 
 TENSORS_FILE = "ood.safetensors"
 META_FILE = "ood.json"

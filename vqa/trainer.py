@@ -3,7 +3,8 @@
 The Trainer gives DDP under torchrun, --resume, mixed precision, gradient clipping,
 the learning-rate schedule, TensorBoard logs and the progress bar. This module adds
 what is VQA-specific: image-grouped batches, the VQA accuracy for choosing the best
-epoch, answer-vocabulary extension for fine-tuning, the model card and the curves.
+epoch, answer-vocabulary extension for fine-tuning, the signals; `vqa.card` measures the
+result and writes the checkpoint, `vqa.reliability.fit` its reliability files.
 """
 
 import functools
@@ -18,73 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .answers import build_answer_vocabulary
-from .checkpoint import load_checkpoint, render_card, save_checkpoint
-from .config import VQAConfig, check_options, option
-from .data import (BUILTIN_DATASETS, ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, VQASplit,
-                   load_builtin, load_vqa_split, screen_images, split_by_image)
+from .batching import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, screen_images
+from .card import measure, save_run
+from .checkpoint import load_checkpoint
+from .config import TrainOptions, VQAConfig, check_options
 from .errors import DataError, VQAError
-from .evaluation import predict_split
 from .extraction import extract_features
-from .metrics import blind_baseline, evaluate_results
-from .model import VQAModel, architecture
+from .hf_parquet import load_hf_split
+from .model import VQAModel
 from .programs import side_target_vocabulary
-from .reliability import RELIABILITY_FILES, fit_reliability
+from .records import VQASplit, load_vqa_split, split_by_image
+from .reliability.fit import fit_reliability
 from .text import TOKENIZER_FILE, QuestionTokenizer
+from .worlds.registry import BUILTIN_DATASETS, load_builtin
 
 
 class TrainingInterrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
-
-
-@dataclass
-class TrainOptions:
-    """Options of a training run. The model's own options (sizes, backbone, attention) are
-    VQAConfig's fields; `training/train.py` offers both."""
-
-    output_dir: str = option("checkpoints/my-model", "checkpoint folder to write (Trainer state goes to OUTPUT_DIR.trainer)")
-    dataset: str = option("easy-vqa", "'easy-vqa' or 'shapes-world' (built in), or 'files' (VQA v2 layout)")
-    train_scenes: int | None = option(None, "shapes-world: training scenes, generated and cached on first use "
-                                             "(default 6,000; validation and test stay the built-in splits)",
-                                      low=1, high=10_000_000)
-    train_questions: str | None = option(None, "questions JSON of the training split (--dataset files)")
-    train_annotations: str | None = option(None, "annotations JSON of the training split (--dataset files)")
-    train_images: str | None = option(None, "image folder of the training split (--dataset files)")
-    test_questions: str | None = option(None, "questions JSON of a test split, scored once at the end")
-    test_annotations: str | None = option(None, "annotations JSON of the test split")
-    test_images: str | None = option(None, "image folder of the test split")
-    pretrained: bool = option(False, "start the backbone from ImageNet weights in the local timm/Hugging Face cache")
-    backbone_weights: str | None = option(None, "start the backbone from this .safetensors weights file")
-    top_answers: int = option(3129, "answer vocabulary: the most frequent normalised answers", low=1, high=100_000)
-    tokenizer_vocab: int = option(4000, "SentencePiece vocabulary size (fewer when the questions have fewer pieces)",
-                                  low=8, high=1_000_000)
-    epochs: float = option(10, "training epochs", above=0, high=100_000)
-    batch_size: int = option(128, "questions per step and process", low=1, high=1_000_000)
-    learning_rate: float = option(1e-3, "peak learning rate of the heads (cosine schedule with warm-up)",
-                                  low=0, high=10)
-    backbone_learning_rate: float | None = option(
-        None, "learning rate of the CNN (default: --learning-rate); a CNN trained from scratch wants less",
-        low=0, high=10)
-    weight_decay: float = option(0.0, "AdamW weight decay", low=0, high=10)
-    warmup_ratio: float = option(0.05, "fraction of the steps spent warming up the learning rate", low=0, high=0.99)
-    max_grad_norm: float = option(5.0, "gradient clipping norm", above=0)
-    val_fraction: float = option(0.1, "fraction of the training images held out for validation (no val split)",
-                                 above=0, high=0.9)
-    seed: int = option(0, "seed of initialisation, split and batch order")
-    init_from: str | None = option(None, "fine-tune this checkpoint: keep its tokenizer and answers, add new ones")
-    resume: bool = option(False, "continue from the last complete checkpoint in OUTPUT_DIR.trainer")
-    num_workers: int = option(0, "data loading processes", low=0, high=256)
-    feature_cache: str | None = option(None, "feature cache folder (frozen backbone); default OUTPUT_DIR.features")
-    max_train_questions: int | None = option(None, "use only this many training questions (a quick run)", low=1)
-    skip_bad_images: bool = option(False, "drop unreadable images (listed in OUTPUT_DIR/skipped_images.json) "
-                                          "instead of stopping before the first step")
-    allow_nonstandard_answers: bool = option(False, "accept questions with other than 10 human answers")
-    save_half: bool = option(False, "store the final weights in float16 (half the size)")
-    logging_steps: int = option(20, "steps between loss logs", low=1)
 
 
 def exit_status(run) -> int:
@@ -126,7 +83,17 @@ def load_training_data(options: TrainOptions) -> tuple[VQASplit, VQASplit | None
             test = load_vqa_split(options.test_questions, options.test_annotations, options.test_images,
                                   allow_nonstandard_answers=allow)
         return train, None, test
-    raise DataError(f"unknown dataset {options.dataset!r}: use {', '.join(BUILTIN_DATASETS)} or 'files'")
+    if options.dataset == "hf":
+        if not options.hf_path:
+            raise DataError("--dataset hf needs --hf-path (a .parquet file, a folder of them, or a Hub name "
+                            "such as lmms-lab/VQAv2)")
+        allow = options.allow_nonstandard_answers
+        with PartialState().main_process_first():  # under torchrun, one process converts, the others read
+            train = load_hf_split(options.hf_path, options.hf_split, allow_nonstandard_answers=allow)
+            test = (load_hf_split(options.hf_path, options.hf_test_split, allow_nonstandard_answers=allow)
+                    if options.hf_test_split else None)
+        return train, None, test
+    raise DataError(f"unknown dataset {options.dataset!r}: use {', '.join(BUILTIN_DATASETS)}, 'files' or 'hf'")
 
 
 def extend_answers(model: VQAModel, answers: list[str]) -> VQAModel:
@@ -247,43 +214,6 @@ class VQATrainer(Trainer):
                                    drop_tail=self.args.per_device_train_batch_size * self.args.world_size)
 
 
-def plot_curves(log_history: list[dict], path: Path) -> Path:
-    """Loss, validation accuracy, and validation accuracy per question type (what was learned when)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["epoch"], h["loss"]) for h in log_history if "loss" in h]
-    val_loss = [(h["epoch"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    val_acc = [(h["epoch"], h["eval_vqa_accuracy"]) for h in log_history if "eval_vqa_accuracy" in h]
-    prefix = "eval_vqa_accuracy_"
-    families = sorted({k[len(prefix):] for h in log_history for k in h if k.startswith(prefix)})
-    fig, axes = plt.subplots(1, 3 if families else 2, figsize=(15 if families else 10, 4))
-    ax_loss, ax_acc = axes[0], axes[1]
-    if train:
-        ax_loss.plot(*zip(*train), label="train")
-    if val_loss:
-        ax_loss.plot(*zip(*val_loss), "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss", yscale="log")  # side losses start 10x higher
-    ax_loss.legend()
-    if val_acc:
-        ax_acc.plot(*zip(*val_acc), "o-", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="VQA accuracy (%)", title="Validation accuracy")
-    ax_acc.grid(alpha=0.3)
-    if families:
-        for family in families:
-            points = [(h["epoch"], h[prefix + family]) for h in log_history if prefix + family in h]
-            axes[2].plot(*zip(*points), ".-", label=family)
-        axes[2].set(xlabel="epoch", ylabel="VQA accuracy (%)", title="Validation accuracy per question type")
-        axes[2].grid(alpha=0.3)
-        axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def prepare_data(options: TrainOptions) -> tuple[VQASplit, VQASplit, VQASplit | None, list[dict]]:
     """(train, validation, test, skipped images), every image screened before any step runs."""
     train_all, val, test = load_training_data(options)
@@ -379,18 +309,6 @@ class RunClock(TrainerCallback):
             self.path.write_text(json.dumps({"training_time_s": self.total(), "command": self.command}))
 
 
-def official_scores(model: VQAModel, tokenizer: QuestionTokenizer, split: VQASplit, source: ImageSource) -> dict:
-    """The official metric (overall, per answer type, per question type) of the model on `split`."""
-    predictions = predict_split(model, tokenizer, split, feature_cache=source.feature_cache, progress=False)
-    return evaluate_results(predictions.results, split)
-
-
-def subset_accuracy(scores: dict, split: VQASplit, keep) -> float:
-    """Mean official accuracy (%) over the questions of `split` for which keep(record) is true."""
-    values = [scores["perQuestion"][r["question_id"]] for r in split.records if keep(r)]
-    return round(sum(values) / len(values), 2) if values else float("nan")
-
-
 @dataclass
 class Run:
     """Everything a training run builds before the Trainer starts."""
@@ -431,6 +349,7 @@ def train(options: TrainOptions, model_options: dict | None = None, argv: list[s
             if not trainer.is_world_process_zero():
                 return {}
             facts = measure(run, trainer, val_accuracy)
+            facts.update(fit_reliability_files(run))
             save_run(run, trainer, facts)
             return facts
         except KeyboardInterrupt:  # StopOnSignal's second signal, training being over
@@ -490,118 +409,28 @@ def fit(run: Run) -> Trainer:
         raise TrainingInterrupted(f"stopped by {stop.received}; the last checkpoint is in {run.work}: "
                                   "run the same command with --resume to continue")
     if options.save_half:
-        # Measure what is stored: the card's accuracy is that of the float16 weights.
-        with torch.no_grad():
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                if tensor.is_floating_point():
-                    tensor.copy_(tensor.half().float())
+        round_to_half(model)  # measure what is stored: the card's accuracy is that of the float16 weights
     model.eval()
     return trainer
 
 
-def measure(run: Run, trainer: Trainer, val_accuracy: float) -> dict:
-    """The card's facts: validation accuracy (`trainer.evaluate()`'s), the reliability fits, and
-    the test split scored once (after every choice was made on validation), beside a
-    question-only baseline."""
-    options, model = run.options, run.model
-    facts = {
-        "dataset": options.dataset if options.dataset != "files" else run.train.name,
-        "backbone": model.config.backbone, "attention_glimpses": model.config.attention_glimpses,
-        "answers": len(model.config.label2id), "train_questions": len(trainer.train_dataset),
-        "val_questions": len(trainer.eval_dataset), "val_accuracy": val_accuracy,
-    }
-    if run.skipped:
-        facts["skipped_images"] = len(run.skipped)
-    reliability = run.work / "reliability"
-    reliability.mkdir(exist_ok=True)
-    facts.update(fit_reliability(model, run.tokenizer, run.train, run.sources["train"], run.val,
-                                 run.sources["train"], reliability, options.seed))
-    test = run.test
-    if test is not None and test.has_answers:
-        scores = official_scores(model, run.tokenizer, test, run.sources["test"])
-        facts.update({"test_questions": len(test.records), "test_accuracy": scores["overall"],
-                      "test_accuracy_per_answer_type": scores["perAnswerType"],
-                      "test_accuracy_per_question_type": scores["perQuestionType"]})
-        if "perTemplate" in scores:
-            facts["test_accuracy_per_template"] = scores["perTemplate"]
-        blind = blind_baseline(run.train.records, test.records)
-        facts["blind_test_accuracy"] = blind["overall"]
-        facts["blind_test_accuracy_per_question_type"] = blind["per_family"]
-        if any("relation" in r for r in test.records):  # spatial-relation questions, where pooling fails
-            facts["test_accuracy_relation_questions"] = subset_accuracy(scores, test, lambda r: r.get("relation"))
-    stage1 = stage1_facts(options.backbone_weights)
-    if stage1:
-        facts["stage1"] = stage1
-    facts.update({"epochs": options.epochs, "seed": options.seed, "init_from": options.init_from,
-                  "training_time_s": round(run.clock.total()), "command": run.clock.command})
-    return facts
+def round_to_half(model: torch.nn.Module) -> None:
+    """Round every floating-point weight and buffer to float16 precision, in place."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
 
 
-def stage1_facts(backbone_weights: str | None) -> dict | None:
-    """What the stage-1 encoder's card says (vqa/scene_encoder.py writes encoder.json beside its
-    weights): its command, seed, time and held-out accuracy, for this model's card."""
-    settings = Path(backbone_weights).with_name("encoder.json") if backbone_weights else None
-    if settings is None or not settings.is_file():
-        return None
-    facts = json.loads(settings.read_text())
-    return {k: facts[k] for k in ("command", "seed", "training_time_s", "val_accuracy", "train_scenes") if k in facts}
+def fit_reliability_files(run: Run) -> dict:
+    """Fit the reliability files (vqa/reliability/fit.py) into OUTPUT_DIR.trainer/reliability;
+    their facts for the card."""
+    folder = run.work / "reliability"
+    folder.mkdir(exist_ok=True)
+    # The answer threshold is chosen on what the app sees: validation images from pixels, not a
+    # cache's float16 features (they moved the pooled model's threshold by 1e-5).
+    val_pixels = ImageSource(run.val.image_paths, run.model.image_transform())
+    return fit_reliability(run.model, run.tokenizer, run.train, run.sources["train"], run.val, val_pixels,
+                           folder, run.options.seed)
 
 
-def save_run(run: Run, trainer: Trainer, facts: dict) -> Path:
-    work, model = run.work, run.model
-    extra = {"training_curves.png": plot_curves(trainer.state.log_history, work / "training_curves.png")}
-    extra.update({name: work / "reliability" / name for name in RELIABILITY_FILES})
-    if run.skipped:
-        (work / "skipped_images.json").write_text(json.dumps(run.skipped, indent=2))
-        extra["skipped_images.json"] = work / "skipped_images.json"
-    card = render_card(facts, model_card_body(facts, model.config))
-    out = save_checkpoint(model, run.tokenizer, run.options.output_dir, card, extra_files=extra,
-                          half=run.options.save_half)
-    print(f"saved {out}: " + ", ".join(f"{k}={facts[k]}" for k in ("val_accuracy", "test_accuracy") if k in facts))
-    return out
-
-
-def _accuracy_table(title: str, scores: dict, blind: dict | None = None) -> list[str]:
-    if blind is None:
-        rows = [f"| {name} | {value:.2f} |" for name, value in sorted(scores.items())]
-        return ["", f"| {title} | test VQA accuracy (%) |", "|---|---|", *rows]
-    rows = [f"| {name} | {value:.2f} | {blind.get(name, float('nan')):.2f} |" for name, value in sorted(scores.items())]
-    return ["", f"| {title} | test VQA accuracy (%) | question-only baseline (%) |", "|---|---|---|", *rows]
-
-
-def model_card_body(facts: dict, config: VQAConfig) -> str:
-    lines = [
-        f"# VQA model: {architecture(config)}",
-        "",
-        'Antol et al. 2015, "deeper LSTM Q + norm I": L2-normalised CNN features and the LSTM question',
-        "vector are fused by elementwise product and classified over the answer vocabulary.",
-        "",
-        f"- Dataset: {facts['dataset']} ({facts['train_questions']} training questions, {facts['val_questions']} validation)",
-        f"- Answers: {facts['answers']}: {', '.join(config.answers[:20])}{' ...' if facts['answers'] > 20 else ''}",
-        f"- Validation VQA accuracy: {facts['val_accuracy']} %",
-    ]
-    if "test_accuracy" in facts:
-        lines.append(f"- Test VQA accuracy: {facts['test_accuracy']} % ({facts['test_questions']} questions)")
-    lines.append(f"- Seed: {facts['seed']}, training time: {facts['training_time_s']} s")
-    if "test_accuracy_per_answer_type" in facts:
-        lines += _accuracy_table("answer type", facts["test_accuracy_per_answer_type"])
-        lines += _accuracy_table("question type", facts["test_accuracy_per_question_type"],
-                                 facts.get("blind_test_accuracy_per_question_type"))
-    if "test_accuracy_per_template" in facts:
-        lines += _accuracy_table("template", facts["test_accuracy_per_template"])
-    if "blind_test_accuracy" in facts:
-        lines.append(f"\nQuestion-only baseline (most frequent training answer of the same question text): "
-                     f"{facts['blind_test_accuracy']} % overall.")
-    if "test_accuracy_relation_questions" in facts:
-        lines.append(f"Questions with a spatial relation: {facts['test_accuracy_relation_questions']} %.")
-    if "stage1" in facts:
-        stage1 = facts["stage1"]
-        held_out = ", ".join(f"{k} {v:.2f} %" for k, v in stage1.get("val_accuracy", {}).items())
-        lines += ["", "Two stages: the CNN first learned the scenes' objects from their graphs (stage 1, "
-                  f"{stage1.get('training_time_s')} s, seed {stage1.get('seed')}; held out: {held_out}), "
-                  "then stayed frozen while the question side trained on its cached maps (stage 2).", "",
-                  "Reproduce with stage 1, then stage 2:", "", "```", stage1.get("command", ""), facts["command"], "```"]
-    else:
-        lines += ["", "Reproduce with:", "", "```", facts["command"], "```"]
-    lines += ["", "![training curves](training_curves.png)"]
-    return "\n".join(lines)

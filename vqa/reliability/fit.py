@@ -1,9 +1,9 @@
 """What a checkpoint knows about its own limits, fitted once its weights are final.
 
-- `FeatureDensity` (vqa/ood.py): how far an image's pooled CNN features are from the
+- `FeatureDensity` (vqa/reliability/ood.py): how far an image's pooled CNN features are from the
   training images', with a threshold that flags at most 1 % of held-out in-distribution
   images; fitted on training images, thresholded on validation images.
-- `WordVocabulary` (vqa/words.py): the training questions' words, to name unknown ones.
+- `WordVocabulary` (vqa/reliability/words.py): the training questions' words, to name unknown ones.
 - `answer_threshold`: the lowest top-answer confidence at which the validation questions
   answered have at most 1 % risk (1 - VQA accuracy); below it the app says "not sure".
 
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batching import ImageSource
+from ..evaluation import Predictions, predict_split
+from ..files import temporary_name
+from ..metrics import question_accuracies
+from ..records import VQASplit
 from .abstention import choose_threshold, coverage_at_risk
-from .data import ImageSource, VQASplit
-from .evaluation import Predictions, predict_split
-from .files import temporary_name
-from .metrics import question_accuracies
 from .ood import META_FILE, TENSORS_FILE, FeatureDensity
 from .words import WORDS_FILE, WordVocabulary
 
@@ -66,12 +67,6 @@ def threshold_facts(val: VQASplit, predictions: Predictions) -> dict:
     correct = np.array([accuracy[i] for i in ids])
     return {"answer_threshold": float(choose_threshold(confidence, correct, TARGET_RISK)),
             "val_coverage_at_1pct_risk": round(100 * coverage_at_risk(confidence, correct, TARGET_RISK), 2)}
-
-
-def fit_threshold(model, tokenizer, val: VQASplit, val_source: ImageSource) -> dict:
-    """`threshold_facts` of the model's answers to the validation split."""
-    return threshold_facts(val, predict_split(model, tokenizer, val, feature_cache=val_source.feature_cache,
-                                              progress=False))
 
 
 def fit_reliability(model, tokenizer, train: VQASplit, train_source: ImageSource, val: VQASplit,

@@ -165,10 +165,9 @@ def summary(confidence, accuracy, validation: tuple | None = None) -> dict:
 
 def plot_risk_coverage(curves: dict, path: str | Path, title: str = "Risk-coverage") -> Path:
     """A PNG of risk against coverage, one line per model: {name: (coverage, risk[, thresholds])}."""
-    import matplotlib
+    from ..plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not curves:
         raise ValueError("plot_risk_coverage: no curves to plot")

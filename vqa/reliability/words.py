@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from .errors import CheckpointError
-from .files import atomic_write_text
+from ..errors import CheckpointError
+from ..files import atomic_write_text
 
 WORDS_FILE = "words.json"
 VERSION = 1
