@@ -350,6 +350,16 @@ def check_disk_space(root: Path, needed: int) -> None:
                             f"{_gb(needed)}, {_gb(free)} are free")
 
 
+def unpacked(root: str | Path, splits=SPLITS) -> bool:
+    """Whether MANIFEST.json says every archive of `splits` is unpacked and what it unpacked is
+    there (without hashing the kept archives again: 31 GB, minutes)."""
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        return False
+    entries = _load_manifest(root)["archives"]
+    return all(entries.get(a.name, {}).get("unpacked") and outputs_present(root, a) for a in archives_for(splits))
+
+
 def fetch(root: str | Path, splits=("train", "val", "test-dev"), mirror: str | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> dict[str, Path]:
     """Download, verify and unpack the archives of `splits` into `root`; returns {archive name: path}.
