@@ -376,6 +376,18 @@ def test_api_clients_get_messages_without_html_escapes(client):
         client.predict(rows, api_name="/render_scene")
 
 
+def test_answers_never_share_a_concurrency_group_with_heatmaps(models):
+    import app
+
+    groups = {}
+    for fn in app.build_demo(models).fns.values():
+        groups.setdefault(fn.concurrency_id, set()).add(fn.api_name or fn.name)
+    heavy = {group for group, names in groups.items() if "explain" in names}
+    assert len(heavy) == 1
+    answering = {"predict", "compare", "attention", "predict_many", "ask_scene"}
+    assert not answering & groups[heavy.pop()], groups
+
+
 def test_uploads_are_deleted_from_the_cache_after_an_hour(models):
     import app
 
