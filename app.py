@@ -27,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from vqa.errors import CheckpointError, InputError
+from vqa.fair_queue import share_queue_fairly
 from vqa.predict import DEFAULT_TOP_K, MAX_QUESTION_CHARS, Answer, BatchingPredictor, Predictor, percent
 from vqa.worlds.registry import WORLDS, builtin_examples, builtin_palette
 
@@ -34,6 +35,7 @@ CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT_MODEL = "shapes-world-attention"  # the best shipped model, listed first
 SCENE_WORLDS = {name for name, world in WORLDS.items() if world.scene_builder}  # served by "Build a scene"
 MAX_BATCH_SIZE = 16
+QUEUE_PER_SESSION, QUEUE_PER_HOST = 8, 64  # events one browser tab / one address may have waiting
 MAX_QUESTIONS = 50  # per request of the "many questions" tab
 EXAMPLE_COUNT = 8
 UPLOAD_LIFETIME_S = 3600  # uploads are deleted from Gradio's cache an hour after they arrive
@@ -433,12 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         print(f"error: no checkpoint in {CHECKPOINTS}; give --checkpoint DIR", file=sys.stderr)
         return 2
-    demo = build_demo(models)
-    # api_open=False: the REST routes (/run/predict, /api/predict) would answer outside the queue,
-    # escaping its concurrency limits; gradio_client and the browser go through the queue.
-    # No allowed_paths: examples are copied into Gradio's cache when the app is built, so the
-    # server serves nothing but its cache (never the repository or the checkpoint).
-    demo.queue(max_size=256, api_open=False).launch(
+    # api_open=False: REST routes (/run/predict) would answer outside the queue and its limits. No
+    # allowed_paths: examples are copied into Gradio's cache when the app is built, so the server
+    # serves nothing but its cache. Each session and address get a fair share of the queue's places.
+    demo = build_demo(models).queue(max_size=256, api_open=False)
+    share_queue_fairly(demo, QUEUE_PER_SESSION, QUEUE_PER_HOST).launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb",
         allowed_paths=[], show_error=False)
     return 0

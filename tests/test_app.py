@@ -141,6 +141,29 @@ def test_concurrent_users_with_some_mistakes_all_get_their_own_answer(server, im
             assert result == expected, (image, question, result)
 
 
+def test_one_session_flooding_the_queue_gets_its_share_and_the_others_are_answered(server, images):
+    """20 heatmap requests joined at once from one session: those beyond its 8 waiting places are
+    refused with a message (503, Gradio's queue-full answer); another user is answered meanwhile."""
+    import httpx
+
+    url = server["url"]
+    with httpx.Client(timeout=60) as http:
+        config = http.get(url + "config").json()
+        prefix = url + config.get("api_prefix", "/gradio_api").strip("/") + "/"
+        fn_index = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
+        uploaded = http.post(prefix + "upload", files=[("files", ("red.png", open(images["red"], "rb").read()))])
+        image = {"path": uploaded.json()[0], "orig_name": "red.png", "meta": {"_type": "gradio.FileData"}}
+        joins = [http.post(prefix + "queue/join", json={
+            "data": [MODEL, image, QUESTION], "event_data": None, "fn_index": fn_index["explain"],
+            "trigger_id": None, "session_hash": "flooding-session"}) for _ in range(20)]
+        refused = [j for j in joins if j.status_code == 503]
+        assert refused and all(j.status_code in (200, 503) for j in joins)
+        assert "Too many requests waiting from this session" in refused[0].json()["detail"]
+        # 2 run (the heatmaps' concurrency) and at most 8 wait: at most 10 joined
+        assert sum(j.status_code == 200 for j in joins) <= 10
+        assert ask(Client(url, verbose=False), images["blue"], QUESTION)[0]["label"] == "blue"
+
+
 @pytest.mark.parametrize("path", [
     "../../etc/passwd",
     "../../../../../../../../etc/passwd",
