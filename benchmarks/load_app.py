@@ -16,9 +16,15 @@ good requests; the CPU time per request of the client and of the server; the ser
 resident memory: its peak (sampled every 0.2 s, and VmHWM, the kernel's high-water mark since
 the process started, model loading included), after a warm-up at full concurrency, every
 tenth of the run and at the end (goal: growth from warm-up to the end < 10 %).
+
+    python benchmarks/load_app.py --fairness --duration 20 --checkpoint checkpoints/shapes-world-attention
+
+measures instead one user's p95 asking (/predict) and asking every model (/compare), alone and
+beside one client that floods the queue with heatmap (/explain) requests (goal: at most 2x).
 """
 
 import argparse
+import asyncio
 import io
 import random
 import statistics
@@ -33,7 +39,7 @@ from pathlib import Path
 import psutil
 from bench_app import DEFAULT_CHECKPOINT, easy_vqa_requests, start_app, stop_app
 from PIL import Image
-from queue_client import Request, percentile, run
+from queue_client import QueueClient, Request, percentile, run
 
 from vqa.predict import MAX_QUESTION_CHARS
 
@@ -131,6 +137,36 @@ def high_water_mark(pid: int) -> int | None:
     return None
 
 
+async def _flood(url: str, data: list, stop: threading.Event, counts: Counter) -> None:
+    """One session joining heatmap (/explain) events as fast as the server answers, never waiting for them."""
+    async with QueueClient(url, connections=4) as queue:
+        fields = {"data": await queue.inputs(data), "event_data": None, "fn_index": queue.fn_index["explain"],
+                  "trigger_id": None, "session_hash": "flooding-session"}
+        while not stop.is_set():
+            counts[(await queue.http.post(queue.prefix + "queue/join", json=fields)).status_code] += 1
+            await asyncio.sleep(0.01)
+
+
+def fairness(url: str, model: str, image, question: str, duration: float) -> None:
+    """A normal user's p95 asking, and asking every model, alone and beside a client flooding the
+    queue with heatmap requests (goal: at most 2x)."""
+    for chain, data in ((("predict",), [model, image, question]), (("compare",), [image, question])):
+        alone = run(url, 1, lambda n, k: ("good", data), duration=duration, chain=chain)
+        stop, counts = threading.Event(), Counter()
+        flooder = threading.Thread(target=lambda: asyncio.run(_flood(url, [model, image, question], stop, counts)))
+        flooder.start()
+        time.sleep(2)  # the flood fills its share first
+        flooded = run(url, 1, lambda n, k: ("good", data), duration=duration, chain=chain)
+        stop.set()
+        flooder.join()
+        time.sleep(5)  # the flood's accepted heatmaps drain before the next measurement
+        a, f = percentile(alone.latencies("good"), 95), percentile(flooded.latencies("good"), 95)
+        failed = sum(not r.ok for r in flooded.results)
+        print(f"/{chain[0]}: p95 alone {a:.0f} ms ({len(alone.results)} requests), beside the flood {f:.0f} ms "
+              f"({len(flooded.results)} requests, {failed} failed): {f / a:.2f}x (goal <= 2x); the flood's joins: "
+              f"{counts[200]} accepted, {counts[503]} refused")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint folder app.py serves")
@@ -138,6 +174,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--bad-fraction", type=float, default=0.25, help="share of bad requests")
     parser.add_argument("--seed", type=int, default=0, help="seed of each client's choice of requests")
+    parser.add_argument("--fairness", action="store_true",
+                        help="instead: one user's p95 alone and beside a client flooding the queue")
     args = parser.parse_args()
 
     model = Path(args.checkpoint).name  # app.py names each model by its checkpoint folder
@@ -158,6 +196,12 @@ def main() -> None:
         return "good", [model, *rng.choice(good)]
 
     process, url = start_app(args.checkpoint)
+    if args.fairness:
+        try:
+            fairness(url, model, *good[0], args.duration)
+        finally:
+            stop_app(process)
+        return
     server = psutil.Process(process.pid)
     sampler = MemorySampler(server)
     sampler.start()
