@@ -8,11 +8,7 @@ so a crash leaves either the old checkpoint or the new one, never half of one.
 """
 
 import json
-import os
-import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import VQAConfig, check_options
 from .errors import CheckpointError
-from .files import atomic_write_text
+from .files import atomic_folder, atomic_write_text
 from .text import TOKENIZER_FILE, QuestionTokenizer
 
 CONFIG_FILE = "config.json"
@@ -145,50 +141,6 @@ def _plain(value):
     if hasattr(value, "item"):  # numpy or torch scalar
         return value.item()
     raise TypeError(f"model card fact {value!r} is a {type(value).__name__}, not a number, string, list or dict")
-
-
-def _remove_leftovers(folder: Path) -> None:
-    """Delete the temporary siblings (.NAME.XXXXXXXX, .NAME.old) of saves that were killed.
-
-    Killed between its two renames, a save leaves the old checkpoint only in .NAME.old:
-    that one is put back first. (Saving one checkpoint from two processes at once is not supported.)
-    """
-    old = folder.with_name(f".{folder.name}.old")
-    if not folder.exists() and old.is_dir():
-        os.replace(old, folder)
-    leftover = re.compile(rf"\.{re.escape(folder.name)}\.([a-z0-9_]{{8}}|old)")  # mkdtemp adds 8 of [a-z0-9_]
-    for path in folder.parent.iterdir():
-        if leftover.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextmanager
-def atomic_folder(folder: str | Path):
-    """Yield a temporary sibling folder to fill; on success it replaces `folder` by rename, so
-    a crash at any point leaves the previous folder (or nothing) in place, never half of one."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield tmp
-        # mkdtemp makes a private folder; give the result the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(model, tokenizer: QuestionTokenizer, folder: str | Path, card: str | None = None,

@@ -39,13 +39,12 @@ policy when it reads them.
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .files import temporary_name
+from .files import atomic_folder, cache_home
 from .records import load_vqa_split
 
 QUESTION_COLUMNS = ("question_id", "question", "image_id", "image")
@@ -259,10 +258,8 @@ def parquet_to_vqa_files(source: str | Path, out_dir: str | Path, split: str | N
         raise DataError(f"{out_dir} exists and is not a finished conversion: remove it or choose another folder")
 
     annotated = [check_schema(f) for f in files]
-    staging = temporary_name(out_dir)
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir) as staging:  # an empty out_dir (checked above) is replaced
+        (staging / "images").mkdir()
         questions, annotations, images = _convert(files, annotated, staging / "images", progress, pq)
         outputs = _outputs(staging, name, bool(annotations))
         header = {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": name}
@@ -272,13 +269,6 @@ def parquet_to_vqa_files(source: str | Path, out_dir: str | Path, split: str | N
         (staging / CONVERSION).write_text(json.dumps(
             {"source": str(source), "split": name, "files": identity, "annotations": bool(annotations),
              "questions": len(questions), "images": images}, indent=2) + "\n", encoding="utf-8")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty, checked above
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return _outputs(out_dir, name, bool(annotations))
 
 
@@ -320,7 +310,7 @@ def _convert(files: list[Path], annotated: list[bool], image_dir: Path, progress
 def hf_cache_folder(source: str | Path, split: str | None) -> Path:
     """Where `load_hf_split` converts a source: $VQA_CACHE_DIR/hf (else ~/.cache/vqa-demo/hf), one
     folder per source and split, named from them."""
-    root = Path(os.environ.get("VQA_CACHE_DIR", "~/.cache/vqa-demo")).expanduser() / "hf"
+    root = cache_home() / "hf"
     name = re.sub(r"[^\w.-]+", "_", str(Path(source).expanduser().resolve()) if Path(source).exists() else str(source))
     return root / f"{name.strip('_')[-80:]}-{split or 'all'}"
 

@@ -19,6 +19,7 @@ Under torchrun every process runs the features and train steps (each takes its s
 download and the two evaluations run in the main process, the others waiting for the download.
 """
 
+import functools
 import json
 import os
 import sys
@@ -137,9 +138,17 @@ def features_what(options: PipelineOptions) -> str:
             f"{', '.join(f'{images}/ ({name})' for name, (_, images) in CACHES.items())} into {options.feature_cache}/")
 
 
-def _wanted_images(options: PipelineOptions, name: str) -> list[int]:
-    questions, _ = CACHES[name]
-    return load_vqa_split(options.data(questions)).image_ids
+@functools.lru_cache(maxsize=None)
+def _image_ids(questions: Path, size: int, mtime: float) -> tuple[int, ...]:
+    """The image ids a questions file asks about, read once per version of the file (train2014's
+    file is 443,757 questions; the step's checks would read it three times)."""
+    return tuple(load_vqa_split(questions).image_ids)
+
+
+def _wanted_images(options: PipelineOptions, name: str) -> tuple[int, ...]:
+    path = options.data(CACHES[name][0])
+    stat = path.stat()
+    return _image_ids(path, stat.st_size, stat.st_mtime)
 
 
 def cache_complete(options: PipelineOptions, name: str) -> bool:

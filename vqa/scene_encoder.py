@@ -183,7 +183,7 @@ def save_encoder(encoder: SceneEncoder, folder: str | Path, facts: dict, card: s
     """The backbone's weights (what `--backbone-weights` loads), its settings and its card."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_folder
+    from .files import atomic_folder
 
     with atomic_folder(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in encoder.backbone.state_dict().items()}

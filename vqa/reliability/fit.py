@@ -24,6 +24,7 @@ from ..batching import ImageSource
 from ..evaluation import Predictions, predict_split
 from ..files import temporary_name
 from ..metrics import question_accuracies
+from ..model import evaluating
 from ..records import VQASplit
 from .abstention import choose_threshold, coverage_at_risk
 from .ood import META_FILE, TENSORS_FILE, FeatureDensity
@@ -39,14 +40,14 @@ BATCH = 64
 @torch.inference_mode()
 def pooled_features(model, source: ImageSource, image_ids: list[int]) -> np.ndarray:
     """(N, F) pooled CNN features of the images, from the cache or through the CNN in batches."""
-    model.eval()
     rows = []
-    for start in range(0, len(image_ids), BATCH):
-        block = source.batch(image_ids[start:start + BATCH])
-        features = block.get("image_features")
-        if features is None:
-            features = model.image_features(block["pixel_values"].to(model.device))
-        rows.append(model.pooled_features(features.to(model.device)).float().cpu().numpy())
+    with evaluating(model):
+        for start in range(0, len(image_ids), BATCH):
+            block = source.batch(image_ids[start:start + BATCH])
+            features = block.get("image_features")
+            if features is None:
+                features = model.image_features(block["pixel_values"].to(model.device))
+            rows.append(model.pooled_features(features.to(model.device)).float().cpu().numpy())
     return np.concatenate(rows)
 
 

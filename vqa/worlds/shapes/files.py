@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ...answers import HUMAN_ANSWERS
 from ...errors import DataError
-from ...files import temporary_name
+from ...files import cache_home, temporary_name
 from ...programs import program_nodes
 from .questions import QuestionGenerator
 from .render import render_scene
@@ -200,7 +200,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     """cache_dir, else $VQA_CACHE_DIR/shapes-world, else ~/.cache/vqa-demo/shapes-world."""
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get("VQA_CACHE_DIR", "~/.cache/vqa-demo")).expanduser() / "shapes-world"
+    return cache_home() / "shapes-world"
 
 
 def builtin_scene_files(split: str, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
