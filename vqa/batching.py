@@ -10,9 +10,9 @@ from torch.utils.data import Dataset, Sampler
 
 from .answers import answer_scores
 from .errors import DataError, InputError
-from .images import open_image, probe_image
-from .programs import question_targets
-from .records import VQASplit
+from .images import input_position, open_image, probe_image
+from .programs import hop_sets, question_targets, referred_sets
+from .records import VQASplit, read_json
 from .text import QuestionTokenizer, pad_questions
 
 
@@ -69,6 +69,37 @@ def screen_images(split: VQASplit, skip_bad_images: bool = False) -> VQASplit:
     return kept
 
 
+def attention_points(split: VQASplit, records: list[dict], hops: int,
+                     input_size: tuple[int, ...]) -> list[list[list[tuple[float, float]]] | None]:
+    """Per record, for each attention hop, the (x, y) centres (0..1 of the model's input) of the
+    objects its program looks at there (`programs.hop_sets`); None for a record without a
+    program that runs on its scene. Scenes come from the split's CLEVR-format `scenes_file`,
+    matched to images by file name (`image_filename`), objects placed by `pixel_coords`."""
+    if split.scenes_file is None:
+        raise DataError(f"{split.name}: attention supervision needs the scene graphs of the images "
+                        "(a CLEVR-format scenes file); this data has none: set --attention-supervision-weight 0")
+    data = read_json(split.scenes_file, "scenes")
+    if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
+        raise DataError(f"{split.scenes_file}: expected an object with a list field 'scenes'")
+    by_file = {s.get("image_filename"): s for s in data["scenes"] if isinstance(s, dict)}
+    sizes: dict[int, tuple[int, int]] = {}
+    points = []
+    for record in records:
+        path = split.image_paths.get(record["image_id"])
+        scene = by_file.get(path.name) if path is not None else None
+        program = record.get("program")
+        looked = referred_sets(program, scene) if scene is not None and isinstance(program, list) else None
+        if looked is None:
+            points.append(None)
+            continue
+        if record["image_id"] not in sizes:
+            sizes[record["image_id"]] = probe_image(path)
+        size, objects = sizes[record["image_id"]], scene["objects"]
+        points.append([[input_position(*objects[i]["pixel_coords"][:2], size, input_size) for i in sorted(s)]
+                       for s in hop_sets(looked, hops)])
+    return points
+
+
 class ImageSource:
     """Gives each image of a batch once: as pixels (the model's transform) or as cached features."""
 
@@ -91,10 +122,11 @@ class ImageSource:
 
 class QuestionDataset(Dataset):
     """One item per question: its piece ids, its image id, its soft answer scores and, for a
-    model with side targets (`VQAConfig.side_targets`), the indices of those it names."""
+    model with side targets (`VQAConfig.side_targets`), the indices of those it names; with
+    `attention` = (hops, model input size), the objects each hop should find (`attention_points`)."""
 
     def __init__(self, split: VQASplit, tokenizer: QuestionTokenizer, answer_index: dict[str, int], max_tokens: int,
-                 side_targets: list[str] | None = None):
+                 side_targets: list[str] | None = None, attention: tuple[int, tuple] | None = None):
         self.split = split
         self.records = sorted(split.records, key=lambda r: (r["image_id"], r["question_id"]))
         self.num_answers = len(answer_index)
@@ -104,6 +136,7 @@ class QuestionDataset(Dataset):
         if side_targets:
             index = {t: i for i, t in enumerate(side_targets)}
             self.side = [[index[t] for t in question_targets(r) if t in index] for r in self.records]
+        self.points = attention_points(split, self.records, *attention) if attention else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -112,6 +145,8 @@ class QuestionDataset(Dataset):
         item = {"input_ids": self.input_ids[i], "image_id": self.records[i]["image_id"], "scores": self.scores[i]}
         if self.side is not None:
             item["side"] = self.side[i]
+        if self.points is not None:
+            item["points"] = self.points[i]
         return item
 
 
@@ -138,7 +173,22 @@ class VQACollator:
             for r, it in enumerate(items):
                 side[r, it["side"]] = 1.0
             batch["side_labels"] = side
+        if "points" in items[0]:
+            batch.update(_points_batch([it["points"] for it in items]))
         return batch
+
+
+def _points_batch(points: list) -> dict[str, torch.Tensor]:
+    """`attention_points` (B, hops, P, 2), NaN padded, and `attention_known` (B,) of a batch."""
+    known = [p is not None for p in points]
+    hops = next((len(p) for p in points if p is not None), 1)
+    most = max([len(objects) for p in points if p is not None for objects in p] + [1])
+    tensor = torch.full((len(points), hops, most, 2), float("nan"))
+    for r, p in enumerate(points):
+        for k, objects in enumerate(p or ()):
+            if objects:
+                tensor[r, k, :len(objects)] = torch.tensor(objects)
+    return {"attention_points": tensor, "attention_known": torch.tensor(known)}
 
 
 class ImageGroupedSampler(Sampler[int]):

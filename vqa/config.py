@@ -92,12 +92,22 @@ class VQAConfig(PretrainedConfig):
     attention_hops: int = option(
         1, "stacked attention (Yang et al. 2016): hop k's query is the question vector (x) hop k-1's "
            "attended image vector", low=1, high=8)
+    attention_counts: bool = option(
+        False, "each glimpse also says how much it found: the sum of its locations' sigmoid scores, as "
+               "soft bins 0..15, beside its attended features (a count that softmax weights normalise away)")
+    attention_all_hops: bool = option(
+        False, "the answer reads every hop's glimpses (one Linear over all of them), not only the last "
+               "hop's: a comparison sees both objects")
     question_word_path: bool = option(
         False, "add the mean of the question's word embeddings, projected, to the LSTM's question vector "
                "(a word-level path beside the LSTM state)")
     side_loss_weight: float = option(
         0.0, "training only: weight of the side loss that predicts, from the question vector, what the "
              "question names (from its program, or its words); 0 turns it off. Inference is unchanged",
+        low=0.0, high=100.0)
+    attention_supervision_weight: float = option(
+        0.0, "training only: weight of the side loss that tells each hop's first glimpse which objects "
+             "the question's program looks at (needs the scene graphs: CLEVR-format scenes); 0 turns it off",
         low=0.0, high=100.0)
     side_targets: list[str] = option(
         None, "names of the side-loss targets (set from the training questions)")

@@ -156,6 +156,15 @@ def content_box(width: int, height: int, input_size: tuple[int, ...]) -> tuple[i
     return left, top, left + w, top + h
 
 
+def input_position(x: float, y: float, image_size: tuple[int, int], input_size: tuple[int, ...]) -> tuple[float, float]:
+    """Where pixel (x, y) of a (width, height) image lands in the model's letterboxed input, as
+    fractions 0..1 of its width and height (pixel centres: x + 0.5)."""
+    left, top, right, _ = content_box(image_size[0], image_size[1], input_size)
+    scale = (right - left) / image_size[0]
+    in_height, in_width = input_size[-2:]
+    return (left + (x + 0.5) * scale) / in_width, (top + (y + 0.5) * scale) / in_height
+
+
 class ModelTransform:
     """PIL image -> (3, H, W) float tensor: the whole image, letterboxed into the model's input.
 

@@ -93,8 +93,9 @@ class QuestionGuidedAttention(nn.Module):
     Each location's feature and the query meet in the common space by elementwise product
     (the fusion the whole model uses), and a Linear gives one score per glimpse (Kazemi &
     Elqursh 2017, "Show, Ask, Attend, and Answer", with product instead of concat).
-    Sigmoid weights, whose sum would keep a count (Zhang et al. 2018), were tried on the shapes
-    world and collapsed within 5 epochs to maps of all zeros or all ones: softmax it is.
+    Sigmoid weights in place of softmax, whose sum would keep a count (Zhang et al. 2018), were
+    tried on the shapes world and collapsed within 5 epochs to maps of all zeros or all ones:
+    softmax it is. A count is read beside it instead (`VQAConfig.attention_counts`, `counts`).
     """
 
     def __init__(self, feature_dim: int, common_dim: int, glimpses: int, dropout: float):
@@ -103,11 +104,36 @@ class QuestionGuidedAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.scores = nn.Linear(common_dim, glimpses)
 
-    def forward(self, grid: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-        """grid (N, L, F) normalised features, question (B, C) -> weights (B, L, G), each glimpse summing to 1."""
+    def logits(self, grid: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """grid (N, L, F) normalised features, question (B, C) -> one score per location and glimpse (B, L, G)."""
         keys = torch.tanh(self.locations(grid))  # (N, L, C): once per image, not per question
-        scores = self.scores(self.dropout(keys[image_index] * question[:, None]))  # (B, L, G)
-        return scores.softmax(dim=1)
+        return self.scores(self.dropout(keys[image_index] * question[:, None]))
+
+    def forward(self, grid: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """-> weights (B, L, G), each glimpse summing to 1."""
+        return self.logits(grid, question, image_index).softmax(dim=1)
+
+
+COUNT_BINS = 16  # counts 0..15 each get a bin; more objects than that fall between the last ones
+
+
+def counts(logits: torch.Tensor) -> torch.Tensor:
+    """(B, L, G) location scores -> (B, G * COUNT_BINS): each glimpse's sum of sigmoid scores
+    (how many locations it selects) as soft one-hot bins exp(-(n - k)^2), k = 0..15, which a
+    Linear reads as easily as a class."""
+    found = logits.float().sigmoid().sum(dim=1)  # (B, G)
+    bins = torch.arange(COUNT_BINS, device=logits.device, dtype=torch.float32)
+    return torch.exp(-(found[..., None] - bins) ** 2).flatten(1)
+
+
+def location_targets(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, P, 2) (x, y) points in 0..1 of the model's input, NaN padded -> (B, H, h*w) 1 where
+    a point falls in the map location (row by row, as `location_coordinates`), else 0."""
+    known = ~points.isnan().any(-1)  # (B, H, P)
+    col = (points[..., 0].nan_to_num(0) * width).long().clamp(0, width - 1)
+    row = (points[..., 1].nan_to_num(0) * height).long().clamp(0, height - 1)
+    targets = torch.zeros(*points.shape[:2], height * width, device=points.device)
+    return targets.scatter_add_(2, row * width + col, known.float()).clamp(max=1)
 
 
 def location_coordinates(height: int, width: int, device=None) -> torch.Tensor:
@@ -126,6 +152,8 @@ class ImageEncoder(nn.Module):
         self.glimpses = config.attention_glimpses
         self.coords = bool(config.attention_coords) and self.glimpses > 0
         hops = config.attention_hops if self.glimpses else 1
+        self.counts = bool(config.attention_counts) and self.glimpses > 0
+        self.all_hops = bool(config.attention_all_hops) and self.glimpses > 0
         if self.glimpses:
             feature_dim = self.backbone.num_features  # channels of forward_features' map
             location_dim = feature_dim + 2 * self.coords
@@ -136,12 +164,12 @@ class ImageEncoder(nn.Module):
             feature_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             location_dim = feature_dim
         config.image_feature_dim = feature_dim
-        self.project = nn.Linear(location_dim * max(self.glimpses, 1), config.common_dim)
+        glimpse_dim = location_dim * max(self.glimpses, 1) + self.counts * self.glimpses * COUNT_BINS
+        self.project = nn.Linear(glimpse_dim, config.common_dim)
         # Hops after the first have their own attention and projection. With one hop these lists
         # are empty: the model has exactly the parameters, and the outputs, it had before hops.
         self.more_attention = nn.ModuleList(self._attention_layer(location_dim, config) for _ in range(hops - 1))
-        self.more_project = nn.ModuleList(nn.Linear(location_dim * self.glimpses, config.common_dim)
-                                          for _ in range(hops - 1))
+        self.more_project = nn.ModuleList(nn.Linear(glimpse_dim, config.common_dim) for _ in range(hops - 1))
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
 
@@ -165,21 +193,34 @@ class ImageEncoder(nn.Module):
         return grid
 
     def _hops(self, features: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor):
-        """Each hop's (weights (B, L, G), image vector (B, C)); hop k's query is question (x) hop k-1's vector."""
+        """Each hop's (location scores (B, L, G), its Linear's output (B, C) before the tanh);
+        hop k's query is question (x) tanh(hop k-1's output)."""
         grid = self.grid(features)  # (N, L, F)
         query = question
         layers = [(self.attention, self.project), *zip(self.more_attention, self.more_project)]
         for attention, project in layers:
-            weights = attention(grid, query, image_index)  # (B, L, G)
-            attended = weights.transpose(1, 2) @ grid[image_index]  # (B, G, F)
-            image = torch.tanh(project(attended.flatten(1)))
-            yield weights, image
-            query = question * image
+            logits = attention.logits(grid, query, image_index)  # (B, L, G)
+            attended = logits.softmax(dim=1).transpose(1, 2) @ grid[image_index]  # (B, G, F)
+            glimpses = attended.flatten(1)
+            if self.counts:
+                glimpses = torch.cat([glimpses, counts(logits)], dim=1)
+            projected = project(glimpses)
+            yield logits, projected
+            query = question * torch.tanh(projected)
+
+    def attend(self, features: torch.Tensor, question: torch.Tensor,
+               image_index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(image vector (B, C), each hop's location scores (B, L, G)). The image vector is the
+        last hop's, or with `attention_all_hops` one Linear over every hop's glimpses (the sum
+        of the hops' Linear outputs) before the tanh."""
+        hops = list(self._hops(features, question, image_index))
+        projected = torch.stack([p for _, p in hops]).sum(0) if self.all_hops else hops[-1][1]
+        return torch.tanh(projected), [logits for logits, _ in hops]
 
     def attention_weights(self, features: torch.Tensor, question: torch.Tensor,
                           image_index: torch.Tensor) -> torch.Tensor:
         """(B, hops * G, h, w) where each question looked, hop after hop."""
-        weights = torch.cat([w for w, _ in self._hops(features, question, image_index)], dim=2)  # (B, L, HG)
+        weights = torch.cat([s.softmax(dim=1) for s, _ in self._hops(features, question, image_index)], dim=2)  # (B, L, HG)
         return weights.transpose(1, 2).unflatten(2, features.shape[2:])
 
     def forward(self, features: torch.Tensor, question: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
@@ -187,8 +228,7 @@ class ImageEncoder(nn.Module):
         if not self.glimpses:
             # The pooled image vector does not depend on the question: project each image once.
             return torch.tanh(self.project(normalise(features)))[image_index]
-        *_, (_, image) = self._hops(features, question, image_index)
-        return image
+        return self.attend(features, question, image_index)[0]
 
 
 class QuestionEncoder(nn.Module):
@@ -281,6 +321,15 @@ class VQAModel(PreTrainedModel):
         image = self.image_encoder(image_features, questions, image_index)  # (B, C)
         return self.classifier(image * questions)
 
+    def _supervised_attention(self, image_features, questions, image_index, points, known):
+        """Training only: (answer logits, attention loss): each hop's first glimpse told, location by
+        location (BCE), which objects the question's program looks at (`programs.hop_sets`)."""
+        image, hop_logits = self.image_encoder.attend(image_features, questions, image_index)
+        targets = location_targets(points, *image_features.shape[2:])  # (B, H, L)
+        scores = torch.stack([s[..., 0] for s in hop_logits], dim=1).float()  # (B, H, L)
+        loss = F.binary_cross_entropy_with_logits(scores, targets, reduction="none").sum((1, 2))
+        return self.classifier(image * questions), (loss * known).sum() / known.sum().clamp(min=1)
+
     def attention_maps(self, image_features: torch.Tensor, questions: torch.Tensor,
                        image_index: torch.Tensor) -> torch.Tensor | None:
         """(B, G, h, w) where each question looked, or None for the pooled model."""
@@ -303,13 +352,21 @@ class VQAModel(PreTrainedModel):
         image_features: torch.Tensor | None = None,  # (N, ...) cached CNN features
         labels: torch.Tensor | None = None,  # (B, num_labels) soft VQA scores
         side_labels: torch.Tensor | None = None,  # (B, len(config.side_targets)) multi-hot, training only
+        attention_points: torch.Tensor | None = None,  # (B, hops, P, 2) objects each hop should find, training only
+        attention_known: torch.Tensor | None = None,  # (B,) 1 where the question has attention_points
     ) -> VQAOutput:
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("VQAModel.forward needs pixel_values or image_features")
             image_features = self.image_features(pixel_values)
         questions = self.question_vectors(input_ids, lengths)
-        logits = self.answer_logits(image_features, questions, image_index)
+        attention_loss = None
+        if (attention_points is not None and self.config.attention_supervision_weight
+                and self.config.attention_glimpses and labels is not None):
+            logits, attention_loss = self._supervised_attention(image_features, questions, image_index,
+                                                                attention_points, attention_known.float())
+        else:
+            logits = self.answer_logits(image_features, questions, image_index)
         loss = None
         if labels is not None:
             # Soft cross-entropy: each answer weighted by its VQA score (0 for answers outside the vocabulary).
@@ -318,6 +375,8 @@ class VQAModel(PreTrainedModel):
                 side = F.binary_cross_entropy_with_logits(self.side_head(questions).float(), side_labels,
                                                           reduction="sum") / len(questions)
                 loss = loss + self.config.side_loss_weight * side
+            if attention_loss is not None:
+                loss = loss + self.config.attention_supervision_weight * attention_loss
         return VQAOutput(loss=loss, logits=logits)
 
 
@@ -326,8 +385,11 @@ def architecture(config: VQAConfig) -> str:
     image = f"{config.backbone} CNN"
     if config.attention_glimpses:
         hops = f"{config.attention_hops} hops of " if config.attention_hops > 1 else ""
-        coords = " with coordinates" if config.attention_coords else ""
-        image += f" with {hops}{config.attention_glimpses}-glimpse question-guided attention{coords}"
+        extras = [name for name, on in (("coordinates", config.attention_coords), ("counts", config.attention_counts))
+                  if on]
+        extras = f" with {' and '.join(extras)}" if extras else ""
+        every = ", the answer reading every hop" if config.attention_all_hops and config.attention_hops > 1 else ""
+        image += f" with {hops}{config.attention_glimpses}-glimpse question-guided attention{extras}{every}"
     words = " with a word-level path" if config.question_word_path else ""
     return (f"{image} + {config.lstm_layers}-layer LSTM ({config.lstm_hidden} units){words}, "
             f"fused by elementwise product in {config.common_dim} dimensions")

@@ -82,3 +82,75 @@ def side_target_vocabulary(records, max_targets: int = 1000, min_count: int = 5)
     counts = Counter(t for r in records for t in set(question_targets(r)))
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))  # ties by name: the same every run
     return [t for t, n in ranked[:max_targets] if n >= min_count]
+
+
+# ------------------------------------------------------------- where each step of a program looks
+def _set_value(function: str, values: list, inputs: list, scene: dict):
+    """The objects (a frozenset of indices) a set-valued node selects, or None where it is not one."""
+    objects = scene["objects"]
+    if function == "scene":
+        return frozenset(range(len(objects)))
+    if function.startswith("filter_") and values and inputs and isinstance(inputs[0], frozenset):
+        kind = function[len("filter_"):]
+        return frozenset(i for i in inputs[0] if objects[i].get(kind) == values[0])
+    if function == "unique" and inputs and isinstance(inputs[0], frozenset):
+        return inputs[0] if len(inputs[0]) == 1 else None
+    if function.startswith("relate") and values and inputs and isinstance(inputs[0], frozenset) and len(inputs[0]) == 1:
+        (obj,) = inputs[0]
+        related = scene.get("relationships", {}).get(values[0])
+        return frozenset(related[obj]) if related is not None and obj < len(related) else None
+    if function.startswith("same_") and inputs and isinstance(inputs[0], frozenset) and len(inputs[0]) == 1:
+        (obj,) = inputs[0]
+        kind = function[len("same_"):]
+        return frozenset(j for j, o in enumerate(objects) if j != obj and o.get(kind) == objects[obj].get(kind))
+    if function in ("union", "intersect") and len(inputs) == 2 and all(isinstance(s, frozenset) for s in inputs):
+        return inputs[0] | inputs[1] if function == "union" else inputs[0] & inputs[1]
+    return None
+
+
+def referred_sets(program: list[dict], scene: dict) -> list[tuple[frozenset, bool]] | None:
+    """The sets of objects a CLEVR-format program looks at, in the order it looks, each with
+    whether the answer is read from it.
+
+    Run on a CLEVR-format scene (`objects` with attributes, `relationships[relation][i]`), a
+    set counts when a step other than a filter reads it: the object a `unique` picks, the set
+    that `relate`, `same_*` or `union` takes (an anchor), or that `count`, `exist` or `query_*`
+    takes (an answer set); the same set read twice in a row counts once. "How many red things
+    are left of the blue square?" looks at the square, then at the red things left of it (the
+    answer set). None where the program does not run on the scene (a reference that is not
+    unique, an unknown function): such a question gets no target.
+    """
+    values: list = []
+    looked: list[tuple[frozenset, bool]] = []
+    for node in program:
+        function = node.get("function") or node.get("type") or ""
+        inputs = [values[i] if isinstance(i, int) and 0 <= i < len(values) else None for i in node.get("inputs") or []]
+        side = node.get("value_inputs") or node.get("side_inputs") or []
+        if not function.startswith("filter_"):
+            answer = function in ("count", "exist") or function.startswith("query_")
+            for s in inputs:
+                if isinstance(s, frozenset):
+                    if looked and looked[-1][0] == s:
+                        looked[-1] = (s, looked[-1][1] or answer)
+                    else:
+                        looked.append((s, answer))
+        value = _set_value(function, side, inputs, scene)
+        if value is None and (function in ("scene", "unique", "union", "intersect")
+                              or function.startswith(("filter_", "relate", "same_"))):
+            return None  # a set step that does not run here
+        values.append(value)
+    return looked or None
+
+
+def hop_sets(looked: list[tuple[frozenset, bool]], hops: int) -> list[frozenset]:
+    """Which set each of `hops` attention hops should look at (`looked` as `referred_sets` gives
+    it): the answer sets, the last hop on the last; more answer sets than hops: the first and
+    the last, spread evenly between; fewer: the anchors just before the first answer set go
+    first ("left of the square": the square, then the things left of it), else the first repeats."""
+    answers = [s for s, is_answer in looked if is_answer] or [looked[-1][0]]
+    if len(answers) >= hops:
+        return [answers[round(k * (len(answers) - 1) / (hops - 1))] for k in range(hops)] if hops > 1 else answers[-1:]
+    first = next(n for n, (s, is_answer) in enumerate(looked) if is_answer or n == len(looked) - 1)
+    anchors = [s for s, _ in looked[:first]][-(hops - len(answers)):] if first else []
+    chosen = anchors + answers
+    return [chosen[0]] * (hops - len(chosen)) + chosen

@@ -28,6 +28,7 @@ class VQASplit:
     image_paths: dict[int, Path]  # image_id -> file (images missing from the folder have none)
     image_dir: Path | None = None  # where the images were looked for, for messages
     skipped: list[dict] = field(default_factory=list)  # images screen_images skipped, with their questions
+    scenes_file: Path | None = None  # CLEVR-format scene graphs of the images, where the data has them
 
     @property
     def has_answers(self) -> bool:
@@ -45,6 +46,7 @@ class VQASplit:
             [r for r in self.records if r["image_id"] in keep],
             {i: p for i, p in self.image_paths.items() if i in keep},
             self.image_dir,
+            scenes_file=self.scenes_file,
         )
 
 
@@ -93,6 +95,7 @@ def load_vqa_split(
     image_dir: str | Path | None = None,
     name: str | None = None,
     allow_nonstandard_answers: bool = False,
+    scenes_file: str | Path | None = None,
 ) -> VQASplit:
     """Read VQA v2-layout files. Without annotations (test-dev, test-std) records have no answers.
 
@@ -111,7 +114,8 @@ def load_vqa_split(
         index = index_image_folder(image_dir)
         image_paths = {i: index[i] for i in dict.fromkeys(r["image_id"] for r in records) if i in index}
     return VQASplit(name or data.get("data_subtype") or questions_file.stem, records, image_paths,
-                    Path(image_dir) if image_dir is not None else None)
+                    Path(image_dir) if image_dir is not None else None,
+                    scenes_file=Path(scenes_file) if scenes_file is not None else None)
 
 
 def _read_questions(data, path: Path) -> list[dict]:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from .config import check_options, option
 from .errors import DataError
-from .images import content_box, open_image
+from .images import input_position, open_image
 from .model import backbone_transform, create_backbone, evaluating
 from .records import read_json
 
@@ -87,15 +87,12 @@ def dense_targets(objects: list[dict], image_size: tuple[int, int], input_size: 
     (ignored) elsewhere. image_size is (width, height) of the file; input_size (H, W) the model's.
     Two centres in one cell: the one drawn later wins, as it does in the pixels."""
     h, w = map_size
-    left, top, right, bottom = content_box(image_size[0], image_size[1], input_size)
-    scale = (right - left) / image_size[0]
     present = torch.zeros(h, w)
     offset = torch.zeros(2, h, w)
     labels = torch.full((len(attributes), h, w), -100, dtype=torch.long)
     for obj in objects:
-        # Pixel centres: (x + 0.5) in the file's pixels, through the letterbox, in map cells.
-        gx = (left + (obj["x"] + 0.5) * scale) * w / input_size[1]
-        gy = (top + (obj["y"] + 0.5) * scale) * h / input_size[0]
+        u, v = input_position(obj["x"], obj["y"], image_size, input_size)
+        gx, gy = u * w, v * h  # in map cells
         col, row = min(max(int(gx), 0), w - 1), min(max(int(gy), 0), h - 1)
         present[row, col] = 1.0
         offset[:, row, col] = torch.tensor([gx - col, gy - row]).clamp(0, 1)

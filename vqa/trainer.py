@@ -395,11 +395,14 @@ def fit(run: Run) -> Trainer:
                         "(--batch-size times processes): lower --batch-size or give more data")
     stop = StopOnSignal()
     side = model.config.side_targets if model.config.side_loss_weight else None
-    val = QuestionDataset(run.val, run.tokenizer, answer_index, max_tokens, side)
+    attention = None
+    if model.config.attention_supervision_weight and model.config.attention_glimpses:
+        attention = (model.config.attention_hops, model.image_transform().input_size)
+    val = QuestionDataset(run.val, run.tokenizer, answer_index, max_tokens, side, attention)
     families = [r.get("question_type", "") for r in val.records]
     trainer = VQATrainer(
         model=model, args=args,
-        train_dataset=QuestionDataset(run.train, run.tokenizer, answer_index, max_tokens, side),
+        train_dataset=QuestionDataset(run.train, run.tokenizer, answer_index, max_tokens, side, attention),
         eval_dataset=val, data_collator=VQACollator(run.sources["train"], len(answer_index), len(side or ())),
         compute_metrics=functools.partial(vqa_accuracy_metric, families=families),
         callbacks=[stop, run.clock], optimizers=(optimizer_for(model, options), None),

@@ -32,7 +32,8 @@ def load_shapes_world(split: str, cache_dir: str | Path | None = None, progress:
     from .shapes.files import shapes_world_folder, split_files
 
     files = split_files(shapes_world_folder(split, cache_dir, progress, **params), split)
-    return load_vqa_split(files["questions"], files["annotations"], files["images"], name=f"shapes-world-{split}")
+    return load_vqa_split(files["questions"], files["annotations"], files["images"], name=f"shapes-world-{split}",
+                          scenes_file=files["scenes"])
 
 
 def _easy_vqa(split: str, scenes: int | None) -> VQASplit:
