@@ -69,15 +69,20 @@ def screen_images(split: VQASplit, skip_bad_images: bool = False) -> VQASplit:
     return kept
 
 
+def require_scene_graphs(split: VQASplit) -> None:
+    if split.scenes_file is None:
+        raise DataError(f"{split.name}: attention supervision needs the scene graphs of the images "
+                        "(a CLEVR-format scenes file): give it with --train-scene-graphs, or set "
+                        "--attention-supervision-weight 0")
+
+
 def attention_points(split: VQASplit, records: list[dict], hops: int,
                      input_size: tuple[int, ...]) -> list[list[list[tuple[float, float]]] | None]:
     """Per record, for each attention hop, the (x, y) centres (0..1 of the model's input) of the
     objects its program looks at there (`programs.hop_sets`); None for a record without a
     program that runs on its scene. Scenes come from the split's CLEVR-format `scenes_file`,
     matched to images by file name (`image_filename`), objects placed by `pixel_coords`."""
-    if split.scenes_file is None:
-        raise DataError(f"{split.name}: attention supervision needs the scene graphs of the images "
-                        "(a CLEVR-format scenes file); this data has none: set --attention-supervision-weight 0")
+    require_scene_graphs(split)
     data = read_json(split.scenes_file, "scenes")
     if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
         raise DataError(f"{split.scenes_file}: expected an object with a list field 'scenes'")

@@ -142,6 +142,8 @@ class TrainOptions:
     train_questions: str | None = option(None, "questions JSON of the training split (--dataset files)")
     train_annotations: str | None = option(None, "annotations JSON of the training split (--dataset files)")
     train_images: str | None = option(None, "image folder of the training split (--dataset files)")
+    train_scene_graphs: str | None = option(None, "CLEVR-format scenes JSON of the training images (--dataset "
+                                                   "files): what --attention-supervision-weight reads")
     hf_path: str | None = option(None, "VQA v2 parquet for --dataset hf (a file, a folder of them, or a Hugging Face "
                                          "dataset name such as lmms-lab/VQAv2), converted once into the cache")
     hf_split: str = option("train", "the parquet split to train on (--dataset hf; lmms-lab/VQAv2 has "

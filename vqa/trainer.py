@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .answers import build_answer_vocabulary
-from .batching import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, screen_images
+from .batching import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, require_scene_graphs, screen_images
 from .card import measure, save_run
 from .checkpoint import load_checkpoint
 from .config import TrainOptions, VQAConfig, check_options
@@ -77,7 +77,7 @@ def load_training_data(options: TrainOptions) -> tuple[VQASplit, VQASplit | None
             raise DataError("--dataset files needs --train-questions, --train-annotations and --train-images")
         allow = options.allow_nonstandard_answers
         train = load_vqa_split(options.train_questions, options.train_annotations, options.train_images,
-                               allow_nonstandard_answers=allow)
+                               allow_nonstandard_answers=allow, scenes_file=options.train_scene_graphs)
         test = None
         if options.test_questions:
             test = load_vqa_split(options.test_questions, options.test_annotations, options.test_images,
@@ -366,6 +366,8 @@ def build_run(options: TrainOptions, model_options: dict, argv: list[str]) -> Ru
     work = out.with_name(out.name + ".trainer")
     torch.manual_seed(options.seed)
     train_part, val_part, test, skipped = prepare_data(options)
+    if model_options.get("attention_supervision_weight") and model_options.get("attention_glimpses"):
+        require_scene_graphs(train_part)  # before the feature cache, not after it
     work.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(work) if options.resume else None
     if options.resume and resume is None:
