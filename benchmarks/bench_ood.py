@@ -6,9 +6,12 @@
 For each checkpoint, the in-distribution images are the test split of the dataset it was
 trained on (its card's `dataset`); the OOD sets are those of benchmarks/ood_sets.py (uniform
 noise, colour gradients, textures, rendered text, the real photos that installed packages
-ship) and the other built-in dataset's test images (easy-VQA against the shapes-world models
-and the reverse). Each image is scored by the checkpoint's own detector (ood.safetensors:
-Mahalanobis distance of the pooled CNN features, vqa/reliability/ood.py) exactly as the Predictor does.
+ship, in a tuning part and a held-out part split by file, as varied views and as whole files;
+procedural photo-like scenes), the other built-in dataset's test images (easy-VQA against the
+shapes-world models and the reverse) and near-world edits of the model's own test images
+(rotated, inverted, bordered, zoomed). Each image is scored by the checkpoint's own detector
+(ood.safetensors: Mahalanobis distance of the pooled CNN features and, where fitted, of the
+input's image statistics; vqa/reliability/ood.py) exactly as the Predictor does.
 Reported per (model, set): AUROC (goal >= 0.99) and the share flagged; and the false-alarm
 rate on the model's own test images (goal <= 1 %). Writes --out/ood.json and ood.md.
 """
@@ -19,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ood_sets import ALL_SETS
+from ood_sets import ALL_SETS, NEAR_WORLD_EDITS, whole_photos
+from PIL import Image
 
 from vqa.checkpoint import read_card
 from vqa.images import open_image
 from vqa.predict import Predictor
-from vqa.reliability.ood import auroc
+from vqa.reliability.rates import auroc
 from vqa.worlds.registry import BUILTIN_DATASETS, load_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +41,7 @@ def scores_of(predictor: Predictor, images) -> np.ndarray:
     for start in range(0, len(images), 64):
         pixels = torch.stack([predictor.transform(open_image(i)) for i in images[start:start + 64]])
         features = predictor.model.image_features(pixels.to(predictor.device))
-        out.append(predictor.density.score(predictor.model.pooled_features(features).cpu().numpy()))
+        out.append(predictor.density.score_images(predictor.model.pooled_features(features).cpu().numpy(), pixels))
     return np.concatenate(out)
 
 
@@ -57,9 +61,15 @@ def measure(folder: Path, per_set: int, in_images: int) -> dict:
             "sets": {}}
     sets = {name: make(per_set, side) for name, make in ALL_SETS.items() if name != "package_photos"}
     sets["package_photos"] = ALL_SETS["package_photos"](None, side)
+    sets["whole_photos_tuning"] = whole_photos("tuning")  # each file at its own aspect, letterboxed
+    sets["whole_photos_heldout"] = whole_photos("heldout")
     for other in BUILTIN_DATASETS:
         if other != dataset:  # easy-VQA's images against the shapes-world models, and the reverse
             sets["the other built-in dataset"] = test_images(other, per_set)
+    # Near-world edits of the model's own test images (the first per_set of them).
+    own = [Image.open(p).convert("RGB") for p in test_images(dataset, per_set)]
+    for name, edit in NEAR_WORLD_EDITS.items():
+        sets[name] = edit(own)
     for name, images in sets.items():
         outside = scores_of(predictor, images)
         rows["sets"][name] = {"images": len(outside), "auroc": round(auroc(inside, outside), 4),

@@ -39,6 +39,14 @@ PACKAGE_PHOTOS = (
     ("gradio", "media_assets/images/groot.jpeg"),
     ("gradio", "test_data/cheetah2.jpg"),
 )
+# Photos found outside Python packages (absolute paths; used where present): the Rust embedded
+# book's two photos of an STM32F3 board on a light table (720 x 477).
+OTHER_PHOTOS = (
+    "/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html/embedded-book/assets/f3.jpg",
+    "/root/.rustup/toolchains/stable-x86_64-unknown-linux-gnu/share/doc/rust/html/embedded-book/assets/verify.jpeg",
+)
+# The photos split by file: nothing about the detector was chosen looking at the held-out ones.
+HELDOUT_PHOTOS = ("tower.jpg", "cheetah2.jpg", "f3.jpg", "verify.jpeg")
 PHOTO_VIEWS = 3  # views per photo by default: 7 photos -> 21 images
 WORDS = ("kitchen", "cup", "zebra", "umbrella", "laptop", "pizza", "train", "giraffe", "clock", "surfboard",
          "OPEN", "SALE", "Stop", "2024", "exit", "menu", "bus", "ticket", "hello", "42", "VQA", "north")
@@ -164,7 +172,9 @@ def text_images(n: int, size=224, seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def _photo_paths() -> list[Path]:
+def _photo_paths(part: str | None = None) -> list[Path]:
+    """The installed photos (PACKAGE_PHOTOS, then OTHER_PHOTOS); `part` "tuning" or "heldout"
+    keeps the files outside or inside HELDOUT_PHOTOS."""
     paths = []
     for package, inside in PACKAGE_PHOTOS:
         spec = importlib.util.find_spec(package)
@@ -173,10 +183,15 @@ def _photo_paths() -> list[Path]:
         path = Path(next(iter(spec.submodule_search_locations))) / inside
         if path.is_file():
             paths.append(path)
+    paths += [Path(p) for p in OTHER_PHOTOS if Path(p).is_file() and Path(p).name not in {q.name for q in paths}]
+    if part is not None:
+        if part not in ("tuning", "heldout"):
+            raise ValueError(f"part must be 'tuning' or 'heldout', got {part!r}")
+        paths = [p for p in paths if (p.name in HELDOUT_PHOTOS) == (part == "heldout")]
     return paths
 
 
-def package_photos(n: int | None = None, size=224, seed: int = 0) -> list[Image.Image]:
+def package_photos(n: int | None = None, size=224, seed: int = 0, part: str | None = None) -> list[Image.Image]:
     """n views of the installed packages' photos (default PHOTO_VIEWS per photo).
 
     The photos are taken in an order shuffled by `seed`, in turn. The first view of each is
@@ -184,9 +199,9 @@ def package_photos(n: int | None = None, size=224, seed: int = 0) -> list[Image.
     to 4:3), half of them mirrored.
     """
     width, height = _size(size)
-    paths = _photo_paths()
+    paths = _photo_paths(part)
     if not paths:
-        raise FileNotFoundError("none of the photos in PACKAGE_PHOTOS is installed "
+        raise FileNotFoundError(f"none of the photos ({part or 'any'} part) in PACKAGE_PHOTOS is installed "
                                 f"({', '.join(f'{p}/{f}' for p, f in PACKAGE_PHOTOS)})")
     if n is None:
         n = PHOTO_VIEWS * len(paths)
@@ -211,10 +226,145 @@ def package_photos(n: int | None = None, size=224, seed: int = 0) -> list[Image.
     return images
 
 
+def varied_photos(n: int, size=224, seed: int = 0, part: str = "tuning") -> list[Image.Image]:
+    """n varied views of one part of the photos (HELDOUT_PHOTOS or the rest), in turn: random
+    crops from 4 % to 100 % of the photo (aspect 1:2 to 2:1, squeezed to `size`), mirrored half
+    the time, then one of: as it is, greyscale, colour-jittered (brightness, contrast,
+    saturation 0.6 to 1.4), blurred, or JPEG-compressed at quality 20 to 60."""
+    from PIL import ImageEnhance
+    import io
+
+    width, height = _size(size)
+    paths = _photo_paths(part)
+    if not paths:
+        raise FileNotFoundError(f"no photo of the {part} part is installed")
+    photos = [Image.open(p).convert("RGB") for p in paths]
+    images = []
+    for i, rng in enumerate(_rngs(n, seed, 7 if part == "tuning" else 8)):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        area = rng.uniform(0.04, 1.0) * w * h
+        aspect = math.exp(rng.uniform(math.log(1 / 2), math.log(2)))
+        cw = max(8, min(w, int(round(math.sqrt(area * aspect)))))
+        ch = max(8, min(h, int(round(math.sqrt(area / aspect)))))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        view = photo.resize((width, height), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        kind = int(rng.integers(0, 5))
+        if kind == 1:
+            view = view.convert("L").convert("RGB")
+        elif kind == 2:
+            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                view = enhance(view).enhance(rng.uniform(0.6, 1.4))
+        elif kind == 3:
+            view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 2.0) * max(width, height) / 100))
+        elif kind == 4:
+            buffer = io.BytesIO()
+            view.save(buffer, "JPEG", quality=int(rng.integers(20, 61)))
+            view = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        images.append(view)
+    return images
+
+
+def tuning_photos(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    return varied_photos(n, size, seed, "tuning")
+
+
+def heldout_photos(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    return varied_photos(n, size, seed, "heldout")
+
+
+def whole_photos(part: str | None = None) -> list[Image.Image]:
+    """Each photo file whole, at its own size and aspect (the model's transform letterboxes it)."""
+    return [Image.open(p).convert("RGB") for p in _photo_paths(part)]
+
+
+def synthetic_photos(n: int, size=224, seed: int = 0) -> list[Image.Image]:
+    """Procedural photo-like scenes: a sky gradient over textured ground at a random horizon,
+    a few shaded, blurred blobs (objects), a light falloff, sensor noise and JPEG compression,
+    in random palettes."""
+    import io
+
+    width, height = _size(size)
+    x, y = _grid(width, height)
+    images = []
+    for rng in _rngs(n, seed, 6):
+        sky = _blend(y, [_colour(rng) * 0.4 + np.array([120, 160, 220]) * 0.6, _colour(rng) * 0.3 + 180])
+        ground_colours = [_colour(rng) * 0.5 + np.array([90, 80, 50]) * 0.5 for _ in range(2)]
+        ground = _blend(_value_noise(rng, width, height, octaves=5), ground_colours)
+        horizon = rng.uniform(0.2, 0.7) + 0.05 * np.sin(2 * math.pi * x * rng.uniform(0.5, 3))
+        array = np.where((y > horizon)[..., None], ground, sky)
+        for _ in range(int(rng.integers(1, 5))):
+            cx, cy = rng.uniform(0.1, 0.9), rng.uniform(0.3, 0.9)
+            rx, ry = rng.uniform(0.05, 0.3), rng.uniform(0.05, 0.3)
+            d = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
+            shade = np.clip(1.2 - 0.6 * np.hypot(x - cx + rx / 3, y - cy + ry / 3) / max(rx, ry), 0.3, 1.2)
+            colour = _colour(rng)
+            texture = 0.8 + 0.4 * _value_noise(rng, width, height, octaves=3)
+            inside = (d < 1)[..., None]
+            array = np.where(inside, colour * (shade * texture)[..., None], array)
+        light = 1.15 - 0.4 * np.hypot(x - rng.uniform(0, 1), y - rng.uniform(0, 1))
+        array = array * light[..., None] + rng.normal(0, rng.uniform(2, 8), array.shape)
+        image = _to_image(array).filter(ImageFilter.GaussianBlur(radius=max(width, height) / 300))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=int(rng.integers(50, 90)))
+        images.append(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    return images
+
+
+# Near-world edits: the in-distribution images themselves, changed in ways a user's image may be.
+def rotated(images, seed: int = 0) -> list[Image.Image]:
+    """Rotated by 15 to 75 degrees either way (never a right angle), corners filled black."""
+    out = []
+    for image, rng in zip(images, _rngs(len(images), seed, 11)):
+        angle = rng.uniform(15, 75) * rng.choice([-1, 1])
+        out.append(image.convert("RGB").rotate(angle, resample=Image.BILINEAR))
+    return out
+
+
+def inverted(images, seed: int = 0) -> list[Image.Image]:
+    """Colour negatives."""
+    return [Image.fromarray(255 - np.asarray(image.convert("RGB"))) for image in images]
+
+
+def bordered(images, seed: int = 0) -> list[Image.Image]:
+    """A frame of 8 % to 20 % of the side in a random colour, the picture shrunk inside it."""
+    out = []
+    for image, rng in zip(images, _rngs(len(images), seed, 12)):
+        image = image.convert("RGB")
+        w, h = image.size
+        margin = rng.uniform(0.08, 0.2)
+        frame = Image.new("RGB", (w, h), tuple(int(v) for v in _colour(rng)))
+        inner = image.resize((max(1, int(w * (1 - 2 * margin))), max(1, int(h * (1 - 2 * margin)))), Image.BILINEAR)
+        frame.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
+        out.append(frame)
+    return out
+
+
+def zoomed(images, seed: int = 0) -> list[Image.Image]:
+    """A random crop of 25 % to 50 % of the side, upscaled back to the image's size (blocky)."""
+    out = []
+    for image, rng in zip(images, _rngs(len(images), seed, 13)):
+        image = image.convert("RGB")
+        w, h = image.size
+        side = rng.uniform(0.25, 0.5)
+        cw, ch = max(2, int(w * side)), max(2, int(h * side))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out.append(image.resize((w, h), Image.NEAREST, box=(left, top, left + cw, top + ch)))
+    return out
+
+
+NEAR_WORLD_EDITS = {"rotated": rotated, "inverted": inverted, "bordered": bordered, "zoomed": zoomed}
+
+
 ALL_SETS = {
     "uniform_noise": uniform_noise,
     "gradients": gradients,
     "textures": textures,
     "text_images": text_images,
     "package_photos": package_photos,
+    "tuning_photos": tuning_photos,
+    "heldout_photos": heldout_photos,
+    "synthetic_photos": synthetic_photos,
 }

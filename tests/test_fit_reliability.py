@@ -67,3 +67,23 @@ def test_a_fit_that_fails_midway_leaves_the_old_files_whole(checkpoint, data, sc
     with pytest.raises(OSError, match="No space left"):
         script.main(["--checkpoint", str(checkpoint), *data, "--seed", "1"])  # another split: other files
     assert snapshot(checkpoint) == before  # the old set, and no temporary file
+
+
+def test_the_fitted_detector_has_both_densities_and_the_predictor_uses_them(checkpoint, data, script):
+    from vqa.predict import Predictor
+    from vqa.reliability.ood import FeatureDensity
+
+    update_card(checkpoint, {"dataset": "train2014-train"})
+    assert script.main(["--checkpoint", str(checkpoint), *data]) == 0
+    density = FeatureDensity.load(checkpoint)
+    assert density.statistics is not None and density.statistics.pixel_std is not None
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    assert predictor.density.statistics is not None
+    white = predictor.transform.mean  # a flat grey-blue square: nothing like the tiny data's images
+    from PIL import Image
+    image = Image.new("RGB", (40, 40), tuple(int(255 * v) for v in white))
+    answer = predictor.assess(image, "what color is the shape?")
+    pixels = predictor.image_pixels(image)[None]
+    features = predictor.model.pooled_features(predictor.model.image_features(pixels)).detach().numpy()
+    assert answer.image_score == pytest.approx(float(density.score_images(features, pixels)[0]), rel=1e-6)
+    assert answer.image_threshold == density.threshold

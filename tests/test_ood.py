@@ -6,11 +6,13 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
 from safetensors.numpy import load_file, save_file
 
 from benchmarks import ood_sets
 from vqa.errors import CheckpointError
-from vqa.reliability.ood import META_FILE, TENSORS_FILE, FeatureDensity, auroc
+from vqa.reliability.ood import META_FILE, TENSORS_FILE, FeatureDensity
+from vqa.reliability.rates import auroc
 
 DIM = 128  # at 64 dimensions a 0.75-sigma shift of the centres is harder: AUROC 0.982
 
@@ -238,6 +240,8 @@ def test_ood_sets_give_the_asked_images(name):
     make = ood_sets.ALL_SETS[name]
     if name == "package_photos" and not ood_sets._photo_paths():
         pytest.skip("none of the packages' photos is installed here")
+    if name in ("tuning_photos", "heldout_photos") and not ood_sets._photo_paths(name.split("_")[0]):
+        pytest.skip(f"none of the {name.split('_')[0]} photos is installed here")
     images = make(5, (40, 30))
     assert len(images) == 5
     assert all(im.mode == "RGB" and im.size == (40, 30) for im in images)
@@ -254,3 +258,178 @@ def test_package_photos_default_count():
     if not paths:
         pytest.skip("none of the packages' photos is installed here")
     assert len(ood_sets.package_photos(size=32)) == ood_sets.PHOTO_VIEWS * len(paths)
+
+
+# The second detector: a density of image statistics of the model input (vqa/reliability/image_stats.py).
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def shape_scenes(rng, n, side=32):
+    """(n, 3, side, side) normalised model inputs of a little world: one flat-coloured square or
+    disc on white, of random size and place."""
+    y, x = np.mgrid[0:side, 0:side]
+    images = np.ones((n, side, side, 3))
+    for image in images:
+        r = rng.uniform(0.15, 0.35) * side
+        cx, cy = rng.uniform(r, side - r, 2)
+        inside = (np.hypot(x - cx, y - cy) < r) if rng.random() < 0.5 else (
+            (abs(x - cx) < r) & (abs(y - cy) < r))
+        image[inside] = rng.uniform(0, 1, 3)
+    return normalise(images)
+
+
+def normalise(images):
+    """(n, H, W, 3) RGB in [0, 1] -> (n, 3, H, W) normalised as the model's transform does."""
+    return (torch.from_numpy(images).float().permute(0, 3, 1, 2) - torch.tensor(MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def rgb(pixels):
+    return (pixels * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def two_detectors():
+    """A detector fitted on CNN-like features and on the scenes' statistics; the features carry no
+    sign of the edits below (they come from the same sampler), as with a CNN blind to them."""
+    from vqa.reliability.image_stats import image_statistics
+
+    rng = np.random.default_rng(1)
+    sample, _, _ = clusters(rng)
+    train, heldout = shape_scenes(rng, 1000), shape_scenes(rng, 400)
+    density = FeatureDensity().fit(sample(1000), sample(400), 0.01,
+                                   train_statistics=image_statistics(train, MEAN, STD),
+                                   heldout_statistics=image_statistics(heldout, MEAN, STD),
+                                   pixel_mean=MEAN, pixel_std=STD)
+    return density, sample, rng
+
+
+def edits(rng, n=100):
+    """The scenes inverted, framed in a colour, and rotated by 45 degrees (black corners); and photo-like noise."""
+    scenes = rgb(shape_scenes(rng, n))
+    framed = scenes.copy()
+    framed[:, :4], framed[:, -4:], framed[:, :, :4], framed[:, :, -4:] = 0.2, 0.2, 0.2, 0.2
+    rotated = [np.asarray(Image.fromarray((s * 255).astype(np.uint8)).rotate(45), dtype=np.float64) / 255
+               for s in scenes]
+    blurred = np.stack([np.asarray(Image.fromarray((rng.uniform(0, 1, (32, 32, 3)) * 255).astype(np.uint8))
+                                   .filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float64) / 255 for _ in range(n)])
+    return {"inverted": normalise(1 - scenes), "framed": normalise(framed),
+            "rotated": normalise(np.stack(rotated)), "photo-like": normalise(blurred)}
+
+
+def test_image_statistics_flag_edits_the_features_alone_pass(two_detectors):
+    density, sample, rng = two_detectors
+    assert density.statistics is not None and density.cross_fitted_images == 1000
+    for name, pixels in edits(rng).items():
+        features = sample(len(pixels))
+        assert density.flag(features).mean() <= 0.05, name  # the CNN density alone passes them
+        assert density.flag_images(features, pixels).mean() >= 0.95, name
+
+
+def test_false_alarms_of_both_detectors_together_stay_at_the_target(two_detectors):
+    density, sample, rng = two_detectors
+    pixels = shape_scenes(rng, 1000)  # new in-distribution images, fitted on by neither
+    flagged = density.flag_images(sample(1000), pixels)
+    assert flagged.mean() <= 0.02  # target 1 %; 2 % leaves room for chance on 1,000 images
+    # score_images > threshold exactly when either density is past its own threshold.
+    features = sample(200)
+    pixels = shape_scenes(rng, 200)
+    from vqa.reliability.image_stats import image_statistics
+    either = density.flag(features) | density.statistics.flag(image_statistics(pixels, MEAN, STD))
+    np.testing.assert_array_equal(density.flag_images(features, pixels), either)
+
+
+def test_joint_thresholds_keep_the_union_at_the_rate():
+    from vqa.reliability.rates import joint_thresholds
+
+    rng = np.random.default_rng(3)
+    first, second = rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)
+    t1, t2 = joint_thresholds(first, second, 500, 0.01)
+    flagged = (first > t1) | (second > t2)
+    assert flagged.mean() <= 0.01 and flagged[-500:].mean() <= 0.01
+    assert flagged.mean() >= 0.008  # not far under: each detector gets about half the rate
+    t1, t2 = joint_thresholds(first, first, 500, 0.01)  # the same scores twice: each at the full 1 %
+    assert (first > t1).mean() == pytest.approx(0.01, abs=0.001)
+
+
+def test_save_load_round_trip_with_image_statistics(two_detectors, tmp_path):
+    density, sample, rng = two_detectors
+    density.save(tmp_path)
+    loaded = FeatureDensity.load(tmp_path)
+    assert loaded.statistics is not None and loaded.threshold == density.threshold
+    assert loaded.statistics.threshold == density.statistics.threshold
+    assert loaded.statistics.pixel_mean == MEAN and loaded.statistics.pixel_std == STD
+    features, pixels = sample(50), torch.cat(list(edits(rng, 10).values()) + [shape_scenes(rng, 10)])
+    np.testing.assert_array_equal(loaded.score_images(features, pixels), density.score_images(features, pixels))
+    np.testing.assert_array_equal(loaded.score(features), density.score(features))
+
+
+def test_an_old_folder_with_the_cnn_density_only_loads_and_scores_as_before(fitted, tmp_path):
+    density, heldout, test, ood = fitted
+    density.save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert "statistics" not in meta and set(load_file(str(tmp_path / TENSORS_FILE))) == {
+        "mean", "components", "variances", "residual_variance"}  # the format of the files shipped before
+    loaded = FeatureDensity.load(tmp_path)
+    assert loaded.statistics is None
+    pixels = torch.zeros(len(test), 3, 8, 8)  # whatever the pixels, only the CNN features count
+    np.testing.assert_array_equal(loaded.score_images(test, pixels), density.score(test))
+    assert loaded.threshold == density.threshold
+
+
+@pytest.mark.parametrize("damage", ["tensor missing", "wrong method", "bad pixel_std", "nan", "wrong shape",
+                                    "not an object"])
+def test_damaged_image_statistics_are_named(two_detectors, tmp_path, damage):
+    density, _, _ = two_detectors
+    density.save(tmp_path)
+    meta_path, tensors_path = tmp_path / META_FILE, tmp_path / TENSORS_FILE
+    meta, tensors = json.loads(meta_path.read_text()), load_file(str(tensors_path))
+    if damage == "tensor missing":
+        del tensors["statistics.variances"]
+    elif damage == "wrong method":
+        meta["statistics"]["method"] = "image-statistics-99"
+    elif damage == "bad pixel_std":
+        meta["statistics"]["pixel_std"] = [0.2, 0.0, 0.2]
+    elif damage == "nan":
+        tensors["statistics.mean"][0] = np.nan
+    elif damage == "wrong shape":
+        tensors["statistics.mean"] = tensors["statistics.mean"][:-1]
+    else:
+        meta["statistics"] = [1, 2]
+    meta_path.write_text(json.dumps(meta))
+    save_file(tensors, str(tensors_path))
+    named = str(tensors_path) if damage in ("tensor missing", "nan", "wrong shape") else str(meta_path)
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        FeatureDensity.load(tmp_path)
+
+
+def test_image_statistics_are_histograms_of_unit_length():
+    from vqa.reliability import image_stats
+
+    rng = np.random.default_rng(4)
+    pixels = shape_scenes(rng, 3, side=20)
+    stats = image_stats.image_statistics(pixels, MEAN, STD)
+    assert stats.shape == (3, image_stats.DIM) and stats.dtype == np.float32
+    blocks = np.split(stats, np.cumsum([16, 16, 16, 64, 12, 12]), axis=1)
+    for block in blocks[:-1]:  # square roots of shares: unit length
+        np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1, rtol=1e-5)
+    assert (np.linalg.norm(blocks[-1], axis=1) <= 1 + 1e-6).all()
+    with pytest.raises(ValueError, match="3, H, W"):
+        image_stats.image_statistics(pixels[:, :1], MEAN, STD)
+
+
+@pytest.mark.parametrize("name", sorted(ood_sets.NEAR_WORLD_EDITS))
+def test_near_world_edits_keep_size_and_change_the_image(name):
+    images = ood_sets.textures(4, (40, 30))
+    edited = ood_sets.NEAR_WORLD_EDITS[name](images)
+    assert [im.size for im in edited] == [(40, 30)] * 4 and all(im.mode == "RGB" for im in edited)
+    assert [im.tobytes() for im in ood_sets.NEAR_WORLD_EDITS[name](images)] == [im.tobytes() for im in edited]
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(images, edited))
+
+
+def test_photos_split_by_file_into_tuning_and_heldout():
+    tuning, heldout = ood_sets._photo_paths("tuning"), ood_sets._photo_paths("heldout")
+    assert not {p.name for p in tuning} & {p.name for p in heldout}
+    assert sorted(tuning + heldout) == sorted(ood_sets._photo_paths())
+    assert all(p.name in ood_sets.HELDOUT_PHOTOS for p in heldout)

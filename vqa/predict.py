@@ -177,7 +177,8 @@ class Predictor:
         logits = self.model.answer_logits(features, questions, image_index.to(self.device))
         scores = None
         if self.density is not None:
-            scores = self.density.score(self.model.pooled_features(features).cpu().numpy())
+            # Both detectors (CNN features, and the input's image statistics where the checkpoint has them).
+            scores = self.density.score_images(self.model.pooled_features(features).cpu().numpy(), pixel_values)
         return logits.float().softmax(dim=-1).cpu(), scores
 
     def top_answers(self, probabilities: torch.Tensor, top_k: int) -> dict[str, float]:
