@@ -5,8 +5,9 @@
     python training/fit_reliability.py --checkpoint checkpoints/mine --dataset files \\
         --train-questions Q.json --train-annotations A.json --train-images images/
 
-Writes ood.safetensors + ood.json (out-of-distribution image detector: Mahalanobis distance
-of pooled CNN features, threshold flagging 1 % of held-out images), words.json (the training
+Writes ood.safetensors + ood.json (out-of-distribution image detector: Mahalanobis distances
+of the pooled CNN features and of the input's image statistics, flagged when either is past its
+threshold, the two set together to flag at most 1 % of held-out images), words.json (the training
 questions' words) and `answer_threshold` (confidence for at most 1 % wrong answers on the
 validation split) into the checkpoint's model card. The validation split is the one training
 held out: the same --val-fraction and the seed recorded in the card.
