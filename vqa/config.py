@@ -98,6 +98,9 @@ class VQAConfig(PretrainedConfig):
     attention_all_hops: bool = option(
         False, "the answer reads every hop's glimpses (one Linear over all of them), not only the last "
                "hop's: a comparison sees both objects")
+    attention_hop_product: bool = option(
+        False, "with --attention-all-hops: the hops' image vectors are multiplied elementwise (each after "
+               "its tanh) instead of summed, so that 'the same colour as' is a product the classifier reads")
     question_word_path: bool = option(
         False, "add the mean of the question's word embeddings, projected, to the LSTM's question vector "
                "(a word-level path beside the LSTM state)")

@@ -154,6 +154,7 @@ class ImageEncoder(nn.Module):
         hops = config.attention_hops if self.glimpses else 1
         self.counts = bool(config.attention_counts) and self.glimpses > 0
         self.all_hops = bool(config.attention_all_hops) and self.glimpses > 0
+        self.hop_product = self.all_hops and bool(config.attention_hop_product)
         if self.glimpses:
             feature_dim = self.backbone.num_features  # channels of forward_features' map
             location_dim = feature_dim + 2 * self.coords
@@ -212,10 +213,14 @@ class ImageEncoder(nn.Module):
                image_index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(image vector (B, C), each hop's location scores (B, L, G)). The image vector is the
         last hop's, or with `attention_all_hops` one Linear over every hop's glimpses (the sum
-        of the hops' Linear outputs) before the tanh."""
+        of the hops' Linear outputs) before the tanh, or with `attention_hop_product` too the
+        elementwise product of every hop's vector."""
         hops = list(self._hops(features, question, image_index))
-        projected = torch.stack([p for _, p in hops]).sum(0) if self.all_hops else hops[-1][1]
-        return torch.tanh(projected), [logits for logits, _ in hops]
+        if self.hop_product:
+            image = torch.stack([torch.tanh(p) for _, p in hops]).prod(0)
+        else:
+            image = torch.tanh(torch.stack([p for _, p in hops]).sum(0) if self.all_hops else hops[-1][1])
+        return image, [logits for logits, _ in hops]
 
     def attention_weights(self, features: torch.Tensor, question: torch.Tensor,
                           image_index: torch.Tensor) -> torch.Tensor:
@@ -388,7 +393,10 @@ def architecture(config: VQAConfig) -> str:
         extras = [name for name, on in (("coordinates", config.attention_coords), ("counts", config.attention_counts))
                   if on]
         extras = f" with {' and '.join(extras)}" if extras else ""
-        every = ", the answer reading every hop" if config.attention_all_hops and config.attention_hops > 1 else ""
+        every = ""
+        if config.attention_all_hops and config.attention_hops > 1:
+            every = ", the answer reading " + ("the product of every hop" if config.attention_hop_product
+                                               else "every hop")
         image += f" with {hops}{config.attention_glimpses}-glimpse question-guided attention{extras}{every}"
     words = " with a word-level path" if config.question_word_path else ""
     return (f"{image} + {config.lstm_layers}-layer LSTM ({config.lstm_hidden} units){words}, "
