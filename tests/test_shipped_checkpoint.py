@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 from fixtures import ROOT
 from PIL import Image
 
 from vqa.checkpoint import load_checkpoint, read_card
 from vqa.evaluation import predict_split
+from vqa.images import open_image
 from vqa.metrics import evaluate_results
 from vqa.records import split_by_image
 from vqa.reliability.fit import threshold_facts
@@ -85,13 +87,16 @@ def test_the_answer_threshold_is_what_validation_gives(shipped):
 def test_its_own_test_images_are_rarely_flagged_and_noise_always(shipped):
     folder, model, _, _, split, _ = shipped
     density = FeatureDensity.load(folder)
-    flagged = density.flag(_pooled[folder.name])
+    assert density.statistics is not None  # both detectors: the CNN features and the image statistics
+    transform = model.image_transform()
+    pixels = torch.stack([transform(open_image(split.image_paths[i])) for i in split.image_ids])
+    flagged = density.flag_images(_pooled[folder.name], pixels)
     assert flagged.mean() <= 0.02  # 1 % of held-out validation images at fitting, plus sampling slack
     rng = np.random.default_rng(0)
-    side = model.image_transform().input_size[-1]
-    noise = model.image_transform()(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
-    features = model.pooled_features(model.image_features(noise[None])).detach().numpy()
-    assert density.flag(features).all()
+    side = transform.input_size[-1]
+    noise = transform(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))[None]
+    features = model.pooled_features(model.image_features(noise)).detach().numpy()
+    assert density.flag_images(features, noise).all()
 
 
 def test_each_checkpoint_is_small_and_all_of_them_too():

@@ -42,6 +42,14 @@ def run_train(out: Path, *args, timeout=300) -> subprocess.CompletedProcess:
     return result
 
 
+def train_here(capsys, out: Path, *args) -> tuple[int, str]:
+    """training/train.py's main() in this process, with run_train's options: (exit status, its stderr).
+    Only the end-to-end run (`trained`) and the signal tests pay for a fresh interpreter each."""
+    capsys.readouterr()
+    code = _train_script().main(["--output-dir", str(out), *TINY, *map(str, args)])
+    return code, capsys.readouterr().err
+
+
 def losses(out: Path) -> list[float]:
     state = json.loads((last_complete_checkpoint(Path(f"{out}.trainer")) / "trainer_state.json").read_text())
     return [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -68,7 +76,7 @@ def test_training_writes_a_complete_checkpoint_and_the_loss_falls(trained):
     assert list(Path(f"{trained}.trainer").glob("runs/*/events.out.tfevents.*"))  # TensorBoard logs
 
 
-def test_fine_tuning_keeps_tokenizer_and_extends_answers(tmp_path, trained):
+def test_fine_tuning_keeps_tokenizer_and_extends_answers(tmp_path, trained, capsys):
     new = make_vqa_v2_files(tmp_path / "new", n_images=10, subtype="train2014", seed=5)
     annotations = json.loads(new["annotations"].read_text())
     for a in annotations["annotations"]:
@@ -77,9 +85,10 @@ def test_fine_tuning_keeps_tokenizer_and_extends_answers(tmp_path, trained):
     new["annotations"].write_text(json.dumps(annotations))
     old_model, old_tokenizer = load_checkpoint(trained)
     out = tmp_path / "tuned"
-    run_train(out, "--init-from", str(trained), "--dataset", "files", "--train-questions", str(new["questions"]),
-              "--train-annotations", str(new["annotations"]), "--train-images", str(new["images"]),
-              "--epochs", "1", "--learning-rate", "0")
+    code, stderr = train_here(capsys, out, "--init-from", trained, "--dataset", "files", "--train-questions",
+                              new["questions"], "--train-annotations", new["annotations"], "--train-images",
+                              new["images"], "--epochs", "1", "--learning-rate", "0")
+    assert code == 0, stderr[-3000:]
     model, tokenizer = load_checkpoint(out)
     old_answers = old_model.config.answers
     assert model.config.answers[: len(old_answers)] == old_answers
@@ -206,27 +215,26 @@ def test_a_signal_after_training_lets_the_final_save_finish_a_second_stops_it(tm
     assert signal.getsignal(signal.SIGTERM) is handler  # training's handlers are gone with it
 
 
-def test_bad_dataset_arguments_exit_2_with_a_message(tmp_path):
-    result = subprocess.run(train_command(tmp_path / "x", "--dataset", "files"), capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
-    assert result.returncode == 2
-    assert "error: --dataset files needs --train-questions" in result.stderr
+def test_bad_dataset_arguments_exit_2_with_a_message(tmp_path, capsys):
+    code, stderr = train_here(capsys, tmp_path / "x", "--dataset", "files")
+    assert code == 2
+    assert "error: --dataset files needs --train-questions" in stderr
 
 
-def test_unreadable_training_image_fails_by_name_or_is_skipped_on_request(tmp_path):
+def test_unreadable_training_image_fails_by_name_or_is_skipped_on_request(tmp_path, capsys):
     files = make_vqa_v2_files(tmp_path / "data", n_images=12, subtype="train2014", seed=3)
     broken = sorted(files["images"].iterdir())[0]
     broken.write_bytes(b"\xff\xd8 not really a JPEG")
     data = ["--dataset", "files", "--train-questions", str(files["questions"]),
             "--train-annotations", str(files["annotations"]), "--train-images", str(files["images"]),
             "--epochs", "1", "--val-fraction", "0.25"]
-    failed = subprocess.run(train_command(tmp_path / "strict", *data), capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
-    assert failed.returncode == 2 and broken.name in failed.stderr and "--skip-bad-images" in failed.stderr
+    code, stderr = train_here(capsys, tmp_path / "strict", *data)
+    assert code == 2 and broken.name in stderr and "--skip-bad-images" in stderr
     # Found before the first step: no training had started.
     assert not list((tmp_path / "strict.trainer").glob("runs/*/events.out.tfevents.*"))
-    result = run_train(tmp_path / "lenient", *data, "--skip-bad-images")
-    assert "skipped 1 unreadable images" in result.stderr and broken.name in result.stderr
+    code, stderr = train_here(capsys, tmp_path / "lenient", *data, "--skip-bad-images")
+    assert code == 0, stderr[-3000:]
+    assert "skipped 1 unreadable images" in stderr and broken.name in stderr
     card = read_card(tmp_path / "lenient")
     assert card["skipped_images"] == 1 and card["train_questions"] + card["val_questions"] == 22
 
@@ -235,15 +243,15 @@ def test_unreadable_training_image_fails_by_name_or_is_skipped_on_request(tmp_pa
     (["--tokenizer-vocab", "10"], "vocabulary size 10 is too small"),
     (["--epochs", "1", "--max-train-questions", "4"], "4 training questions, fewer than one batch of 8"),
 ])
-def test_impossible_settings_are_a_message_not_a_traceback(tmp_path, data, args, message):
-    result = subprocess.run(train_command(tmp_path / "x", *data, *args), capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") or f"\nerror: " in result.stderr
-    assert message in result.stderr
+def test_impossible_settings_are_a_message_not_a_traceback(tmp_path, data, capsys, args, message):
+    # In-process an exception that escaped main() (a traceback at the command line) fails the test here.
+    code, stderr = train_here(capsys, tmp_path / "x", *data, *args)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.startswith("error: ") or f"\nerror: " in stderr
+    assert message in stderr
 
 
-def test_nonstandard_answer_counts_are_refused_unless_allowed(tmp_path):
+def test_nonstandard_answer_counts_are_refused_unless_allowed(tmp_path, capsys):
     files = make_vqa_v2_files(tmp_path / "data", n_images=10, subtype="train2014", seed=4)
     annotations = json.loads(files["annotations"].read_text())
     for a in annotations["annotations"]:
@@ -252,24 +260,32 @@ def test_nonstandard_answer_counts_are_refused_unless_allowed(tmp_path):
     data = ["--dataset", "files", "--train-questions", str(files["questions"]),
             "--train-annotations", str(files["annotations"]), "--train-images", str(files["images"]),
             "--epochs", "1", "--val-fraction", "0.2"]
-    refused = subprocess.run(train_command(tmp_path / "strict", *data), capture_output=True, text=True, cwd=ROOT,
-                             timeout=300)
-    assert refused.returncode == 2
-    assert "20 questions do not have 10 human answers (20 with 1)" in refused.stderr
-    assert "--allow-nonstandard-answers" in refused.stderr
-    allowed = run_train(tmp_path / "lenient", *data, "--allow-nonstandard-answers")
-    assert "used as they are" in allowed.stderr
+    code, stderr = train_here(capsys, tmp_path / "strict", *data)
+    assert code == 2
+    assert "20 questions do not have 10 human answers (20 with 1)" in stderr
+    assert "--allow-nonstandard-answers" in stderr
+    # A warning (on stderr at the command line): in-process pytest records it instead.
+    with pytest.warns(UserWarning, match="used as they are"):
+        code, stderr = train_here(capsys, tmp_path / "lenient", *data, "--allow-nonstandard-answers")
+    assert code == 0, stderr[-3000:]
 
 
 @pytest.mark.parametrize("script", ["training/train.py", "training/train_encoder.py", "training/evaluate.py",
                                     "training/extract_features.py", "training/vqa_v2.py",
                                     "training/download_vqa_v2.py", "app.py"])
-def test_every_option_has_help(script):
-    """`--help` describes every option: no option line without words after it."""
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    options = result.stdout.split("options:", 1)[1]
+def test_every_option_has_help(script, capsys):
+    """`--help` describes every option: no option line without words after it. In-process: argparse
+    prints the help and raises SystemExit(0), as the script does at the command line."""
+    if script == "app.py":
+        import app as module  # as test_app.py does: importing it parses no arguments and loads no model
+    else:
+        module = _load_script(ROOT / script)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    options = out.split("options:", 1)[1]
     entries, current = [], None
     for line in options.splitlines():
         stripped = line.strip()
@@ -285,11 +301,35 @@ def test_every_option_has_help(script):
         assert described, f"{script}: {flag} has no help text"
 
 
-def _train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
+def test_scripts_run_nowhere_else_as_a_command_start_as_one():
+    """train.py, evaluate.py, extract_features.py, download_vqa_v2.py and app.py run as commands in
+    other tests; these two only in-process. One interpreter runs each as `python training/X.py --help`
+    does: as __main__, with training/ first on sys.path."""
+    code = ("import runpy, sys\n"
+            "for script in sys.argv[1:]:\n"
+            "    sys.argv, sys.path[0] = [script, '--help'], str(__import__('pathlib').Path(script).parent)\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as stop:\n"
+            "        assert stop.code == 0, (script, stop.code)\n"
+            "    else:\n"
+            "        raise AssertionError(script + ' --help did not exit')\n")
+    scripts = [str(ROOT / "training" / name) for name in ("train_encoder.py", "vqa_v2.py")]
+    result = subprocess.run([sys.executable, "-c", code, *scripts], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("options:") == 2
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _train_script():
+    return _load_script(ROOT / "training" / "train.py")
 
 
 @pytest.mark.parametrize("args, message", [
