@@ -25,7 +25,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .answers import build_answer_vocabulary
-from .batching import ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, require_scene_graphs, screen_images
+from .batching import (ImageGroupedSampler, ImageSource, QuestionDataset, VQACollator, require_scene_graphs,
+                       screen_images)
 from .card import measure, save_run
 from .checkpoint import load_checkpoint
 from .config import TrainOptions, VQAConfig, check_options
