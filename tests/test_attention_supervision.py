@@ -56,6 +56,17 @@ def test_each_hop_gets_a_set_the_last_hop_the_answers():
     assert hop_sets(referred_sets(MORE, SCENE), 1) == [frozenset({0, 4})]
 
 
+def test_with_several_anchors_the_hop_before_the_answer_gets_the_nearest():
+    # count_and's shape: two references each related, intersected, then counted.
+    looked = [(frozenset({2}), False), (frozenset({0}), False), (frozenset({0, 1}), False),
+              (frozenset({1, 2}), False), (frozenset({1}), True)]
+    assert hop_sets(looked, 2) == [frozenset({1, 2}), frozenset({1})]
+    assert hop_sets(looked, 3) == [frozenset({0, 1}), frozenset({1, 2}), frozenset({1})]
+    # More answer sets than hops: the first and the last.
+    answers = [(frozenset({k}), True) for k in range(4)]
+    assert hop_sets(answers, 2) == [frozenset({0}), frozenset({3})]
+
+
 def test_programs_that_do_not_run_on_the_scene_get_no_target():
     not_unique = program_nodes(("query_size", None, ("unique", None, ("filter_color", "red", ("scene", None)))))
     assert referred_sets(not_unique, SCENE) is None  # three red things: "the red thing" names none
@@ -258,3 +269,21 @@ def test_training_on_files_with_scene_graphs_supervises_attention(tmp_path):
     # The first step of both runs starts from the same weights and batch: the difference is the
     # attention loss, a BCE summed over 2 hops x 64 locations (about 2 x 64 x 0.69 at the start).
     assert losses["supervised"] > losses["plain"] + 20
+
+
+def test_the_hop_product_multiplies_every_hops_vector():
+    model = make_model(attention_hops=2, attention_all_hops=True, attention_hop_product=True)
+    summed = make_model(attention_hops=2, attention_all_hops=True)
+    summed.load_state_dict(model.state_dict())  # the same parameters: only the combination differs
+    assert "the answer reading the product of every hop" in architecture(model.config)
+    batch = inputs()
+    encoder = model.image_encoder
+    with torch.no_grad():
+        features = model.image_features(batch["pixel_values"])
+        questions = model.question_vectors(batch["input_ids"], batch["lengths"])
+        index = batch["image_index"]
+        outputs = [p for _, p in encoder._hops(features, questions, index)]
+        assert torch.allclose(encoder(features, questions, index), torch.tanh(outputs[0]) * torch.tanh(outputs[1]),
+                              atol=1e-6)
+        assert torch.allclose(summed.image_encoder(features, questions, index), torch.tanh(outputs[0] + outputs[1]),
+                              atol=1e-6)

@@ -281,3 +281,30 @@ def test_a_save_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, ti
     assert (folder / "README.md").read_text() == "old"
     load_checkpoint(folder)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_every_range_accepts_its_ends_and_refuses_just_beyond():
+    """For every option with a range (VQAConfig's and TrainOptions' metadata), the ends pass
+    check_options and a value just beyond each is refused, naming the flag."""
+    from dataclasses import fields
+
+    from vqa.config import TrainOptions, VQAConfig, check_options
+    from vqa.errors import OptionError
+
+    specs = [f for f in (*fields(VQAConfig), *fields(TrainOptions)) if {"low", "high", "above"} & f.metadata.keys()]
+    assert len(specs) >= 20
+    for spec in specs:
+        meta, flag = spec.metadata, "--" + spec.name.replace("_", "-")
+        integer = "int" in str(spec.type) and "float" not in str(spec.type)
+        step = 1 if integer else 1e-9 * max(1.0, abs(meta.get("high", 1)))
+        ends = [meta[k] for k in ("low", "high") if k in meta]
+        beyond = [meta["low"] - step] if "low" in meta else []
+        beyond += [meta["high"] + step] if "high" in meta else []
+        if "above" in meta:
+            ends.append(meta["above"] + step)
+            beyond.append(meta["above"])
+        for value in ends:
+            check_options({spec.name: value}, [spec])
+        for value in beyond:
+            with pytest.raises(OptionError, match=flag):
+                check_options({spec.name: value}, [spec])

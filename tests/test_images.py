@@ -13,7 +13,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from vqa.errors import InputError
-from vqa.images import MAX_ASPECT_RATIO, MAX_PIXELS, ModelTransform, content_box, open_image
+from vqa.images import MAX_ASPECT_RATIO, MAX_PIXELS, ModelTransform, content_box, input_position, open_image
 
 
 def encode(image, fmt="PNG", **kwargs):
@@ -253,3 +253,11 @@ def test_transform_repr_names_what_changes_pixels():
     assert repr(pickle.loads(pickle.dumps(ModelTransform(DATA_CONFIG)))) == text  # for DataLoader workers
     with pytest.raises(ValueError, match="unknown interpolation 'random'"):
         ModelTransform({**DATA_CONFIG, "interpolation": "random"})
+
+
+def test_input_position_follows_the_letterbox():
+    # A 128 x 64 image in a 64 x 64 input: scaled by 1/2, 16 rows of padding above and below.
+    assert input_position(0, 0, (128, 64), (3, 64, 64)) == pytest.approx((0.25 / 64, (16 + 0.25) / 64))
+    assert input_position(127, 63, (128, 64), (3, 64, 64)) == pytest.approx((63.75 / 64, (16 + 31.75) / 64))
+    # A tall one: the padding is left and right.
+    assert input_position(10, 20, (64, 128), (64, 64)) == pytest.approx(((16 + 5.25) / 64, 10.25 / 64))

@@ -351,6 +351,11 @@ def test_joint_thresholds_keep_the_union_at_the_rate():
     assert flagged.mean() >= 0.008  # not far under: each detector gets about half the rate
     t1, t2 = joint_thresholds(first, first, 500, 0.01)  # the same scores twice: each at the full 1 %
     assert (first > t1).mean() == pytest.approx(0.01, abs=0.001)
+    # Held-out images with a heavier tail than the out-of-fold ones: the held-out share binds.
+    first[-500:] += 1.0
+    t1, t2 = joint_thresholds(first, second, 500, 0.01)
+    flagged = (first > t1) | (second > t2)
+    assert flagged[-500:].mean() <= 0.01 and flagged.mean() < 0.008
 
 
 def test_save_load_round_trip_with_image_statistics(two_detectors, tmp_path):
@@ -379,7 +384,7 @@ def test_an_old_folder_with_the_cnn_density_only_loads_and_scores_as_before(fitt
 
 
 @pytest.mark.parametrize("damage", ["tensor missing", "wrong method", "bad pixel_std", "nan", "wrong shape",
-                                    "not an object"])
+                                    "not an object", "threshold 0"])
 def test_damaged_image_statistics_are_named(two_detectors, tmp_path, damage):
     density, _, _ = two_detectors
     density.save(tmp_path)
@@ -395,6 +400,8 @@ def test_damaged_image_statistics_are_named(two_detectors, tmp_path, damage):
         tensors["statistics.mean"][0] = np.nan
     elif damage == "wrong shape":
         tensors["statistics.mean"] = tensors["statistics.mean"][:-1]
+    elif damage == "threshold 0":  # the score is rescaled by it: a division by zero
+        meta["statistics"]["threshold"] = 0
     else:
         meta["statistics"] = [1, 2]
     meta_path.write_text(json.dumps(meta))
