@@ -347,6 +347,19 @@ def test_many_questions_show_percentages_and_the_notices_of_ask(models, tiny_che
     assert rows[1][3] == "never seen in training: colour, zorblax; not sure (below the threshold of 99.00 %)"
 
 
+def test_many_questions_are_limited_to_50_per_request(models, tiny_checkpoint):
+    import app
+
+    assert app.MAX_QUESTIONS == 50
+    image = draw_shape("blue", "rectangle")
+    questions = [f"is there a {shape}?" for shape in ("circle", "rectangle", "triangle")] * 17  # 51 lines
+    with pytest.raises(gr_error()) as raised:
+        app.predict_many(models, tiny_checkpoint.name, image, "\n".join(questions))
+    assert "51 questions, over the limit of 50 per request" in str(raised.value)
+    rows = app.predict_many(models, tiny_checkpoint.name, image, "\n".join(questions[:50]))
+    assert [row[0] for row in rows] == questions[:50] and all(row[1] in ANSWERS for row in rows)
+
+
 def test_compare_answers_with_every_model(models, tiny_checkpoint):
     import app
 

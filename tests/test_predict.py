@@ -1,6 +1,7 @@
 """Predictor: answers, top-k, one CNN pass per image, what to trust (assess), input checking,
 shared batches, the CLI."""
 
+import dataclasses
 import io
 import json
 import os
@@ -249,6 +250,27 @@ def test_assess_scores_the_image_with_the_fitted_density(detecting):
     _, scores = predictor.forward(pixels, torch.tensor([1, 0]), [predictor.encode(QUESTION)] * 2)
     assert scores.shape == (2,) and scores[0] == pytest.approx(answer.image_score, rel=1e-6)
     assert scores[1] > density.threshold
+
+
+def test_a_batch_gives_each_answer_the_score_of_its_own_image(detecting):
+    predictor, density, heldout = detecting
+    normal, noise = heldout[0], noise_image(2)
+
+    def alone(image):  # the detector's score of this image by itself
+        pixels = predictor.image_pixels(image)[None]
+        with torch.no_grad():
+            features = predictor.model.pooled_features(predictor.model.image_features(pixels))
+        return float(density.score_images(features.numpy(), pixels)[0])
+
+    expected = {"normal": alone(normal), "noise": alone(noise)}
+    assert expected["noise"] > density.threshold >= expected["normal"]
+    normal_request = predictor.prepare(normal, QUESTION)
+    noise_request = predictor.prepare(noise, QUESTION)
+    noise_again = dataclasses.replace(noise_request, input_ids=predictor.encode("is there a circle?"))
+    answers = predictor.run_prepared([normal_request, noise_request, noise_again])  # one forward pass, 2 images
+    assert [a.image_score for a in answers] == pytest.approx(
+        [expected["normal"], expected["noise"], expected["noise"]], rel=1e-5)
+    assert [a.unusual_image for a in answers] == [False, True, True]
 
 
 # Attention checkpoints.

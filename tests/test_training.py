@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -89,6 +90,11 @@ def test_fine_tuning_keeps_tokenizer_and_extends_answers(tmp_path, trained, caps
                               new["questions"], "--train-annotations", new["annotations"], "--train-images",
                               new["images"], "--epochs", "1", "--learning-rate", "0")
     assert code == 0, stderr[-3000:]
+    # The card's command is the one main() was given (not the test runner's sys.argv).
+    assert shlex.split(read_card(out)["command"]) == [
+        "python", "training/train.py", "--output-dir", str(out), *TINY, "--init-from", str(trained), "--dataset",
+        "files", "--train-questions", str(new["questions"]), "--train-annotations", str(new["annotations"]),
+        "--train-images", str(new["images"]), "--epochs", "1", "--learning-rate", "0"]
     model, tokenizer = load_checkpoint(out)
     old_answers = old_model.config.answers
     assert model.config.answers[: len(old_answers)] == old_answers
@@ -178,6 +184,36 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, data):
     assert checkpoint is not None
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] < state["max_steps"]
+    # The checkpoint holds the step training stopped at: the last step logged to TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = []
+    for path in work.glob("runs/*/events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        logged += [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
+    assert logged and state["global_step"] == max(logged)
+
+
+def test_a_signal_during_training_asks_for_a_save_at_that_step_and_a_stop():
+    """StopOnSignal's own promise, whatever the save strategy: the step the signal arrives in ends
+    with a save and a stop (with save_strategy "epoch" the Trainer also saves when the stopped epoch ends)."""
+    from transformers import TrainerControl
+
+    from vqa.trainer import StopOnSignal
+
+    handlers = {sig: signal.getsignal(sig) for sig in StopOnSignal.SIGNALS}
+    try:
+        stop = StopOnSignal()
+        control = stop.on_step_end(None, None, TrainerControl())
+        assert not control.should_save and not control.should_training_stop  # no signal: train on
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.received == "SIGTERM"
+        control = stop.on_step_end(None, None, TrainerControl())
+        assert control.should_save and control.should_training_stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("signals", [1, 2])
@@ -239,6 +275,28 @@ def test_unreadable_training_image_fails_by_name_or_is_skipped_on_request(tmp_pa
     assert card["skipped_images"] == 1 and card["train_questions"] + card["val_questions"] == 22
 
 
+def test_an_image_id_naming_two_files_in_train_and_validation_is_refused_before_training(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A dataset with its own validation split (as shapes-world has) whose validation images reuse a
+    training image id for another file: an error naming both files, before any step."""
+    import vqa.trainer
+    from vqa.records import load_vqa_split
+
+    train = make_vqa_v2_files(tmp_path / "train", n_images=12, subtype="train2014", seed=3)
+    val = make_vqa_v2_files(tmp_path / "val", n_images=3, subtype="val2014", seed=4)  # ids 1000, 1007, 1014 again
+    monkeypatch.setattr(vqa.trainer, "load_training_data", lambda options: (
+        load_vqa_split(train["questions"], train["annotations"], train["images"]),
+        load_vqa_split(val["questions"], val["annotations"], val["images"]), None))
+    code, stderr = train_here(capsys, tmp_path / "x", "--dataset", "files", "--train-questions", train["questions"],
+                              "--train-annotations", train["annotations"], "--train-images", train["images"],
+                              "--epochs", "1")
+    assert code == 2, stderr[-3000:]
+    train_file = train["images"] / "COCO_train2014_000000001000.jpg"
+    val_file = val["images"] / "COCO_val2014_000000001000.jpg"
+    assert f"image id 1000 names two files, {train_file} (train) and {val_file} (validation)" in stderr
+    assert not list((tmp_path / "x.trainer").glob("runs/*/events.out.tfevents.*"))  # no training had started
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tokenizer-vocab", "10"], "vocabulary size 10 is too small"),
     (["--epochs", "1", "--max-train-questions", "4"], "4 training questions, fewer than one batch of 8"),
@@ -247,7 +305,7 @@ def test_impossible_settings_are_a_message_not_a_traceback(tmp_path, data, capsy
     # In-process an exception that escaped main() (a traceback at the command line) fails the test here.
     code, stderr = train_here(capsys, tmp_path / "x", *data, *args)
     assert code == 2 and "Traceback" not in stderr
-    assert stderr.startswith("error: ") or f"\nerror: " in stderr
+    assert stderr.startswith("error: ") or "\nerror: " in stderr
     assert message in stderr
 
 
