@@ -231,8 +231,9 @@ def varied_photos(n: int, size=224, seed: int = 0, part: str = "tuning") -> list
     crops from 4 % to 100 % of the photo (aspect 1:2 to 2:1, squeezed to `size`), mirrored half
     the time, then one of: as it is, greyscale, colour-jittered (brightness, contrast,
     saturation 0.6 to 1.4), blurred, or JPEG-compressed at quality 20 to 60."""
-    from PIL import ImageEnhance
     import io
+
+    from PIL import ImageEnhance
 
     width, height = _size(size)
     paths = _photo_paths(part)
@@ -314,13 +315,15 @@ def synthetic_photos(n: int, size=224, seed: int = 0) -> list[Image.Image]:
 
 
 # Near-world edits: the in-distribution images themselves, changed in ways a user's image may be.
+def _each(images, seed: int, salt: int, edit) -> list[Image.Image]:
+    """edit(RGB image, its own rng) for each image."""
+    return [edit(image.convert("RGB"), rng) for image, rng in zip(images, _rngs(len(images), seed, salt))]
+
+
 def rotated(images, seed: int = 0) -> list[Image.Image]:
     """Rotated by 15 to 75 degrees either way (never a right angle), corners filled black."""
-    out = []
-    for image, rng in zip(images, _rngs(len(images), seed, 11)):
-        angle = rng.uniform(15, 75) * rng.choice([-1, 1])
-        out.append(image.convert("RGB").rotate(angle, resample=Image.BILINEAR))
-    return out
+    return _each(images, seed, 11, lambda image, rng: image.rotate(rng.uniform(15, 75) * rng.choice([-1, 1]),
+                                                                  resample=Image.BILINEAR))
 
 
 def inverted(images, seed: int = 0) -> list[Image.Image]:
@@ -330,29 +333,27 @@ def inverted(images, seed: int = 0) -> list[Image.Image]:
 
 def bordered(images, seed: int = 0) -> list[Image.Image]:
     """A frame of 8 % to 20 % of the side in a random colour, the picture shrunk inside it."""
-    out = []
-    for image, rng in zip(images, _rngs(len(images), seed, 12)):
-        image = image.convert("RGB")
+    def frame(image, rng):
         w, h = image.size
         margin = rng.uniform(0.08, 0.2)
-        frame = Image.new("RGB", (w, h), tuple(int(v) for v in _colour(rng)))
+        framed = Image.new("RGB", (w, h), tuple(int(v) for v in _colour(rng)))
         inner = image.resize((max(1, int(w * (1 - 2 * margin))), max(1, int(h * (1 - 2 * margin)))), Image.BILINEAR)
-        frame.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
-        out.append(frame)
-    return out
+        framed.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
+        return framed
+
+    return _each(images, seed, 12, frame)
 
 
 def zoomed(images, seed: int = 0) -> list[Image.Image]:
     """A random crop of 25 % to 50 % of the side, upscaled back to the image's size (blocky)."""
-    out = []
-    for image, rng in zip(images, _rngs(len(images), seed, 13)):
-        image = image.convert("RGB")
+    def zoom(image, rng):
         w, h = image.size
         side = rng.uniform(0.25, 0.5)
         cw, ch = max(2, int(w * side)), max(2, int(h * side))
         left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        out.append(image.resize((w, h), Image.NEAREST, box=(left, top, left + cw, top + ch)))
-    return out
+        return image.resize((w, h), Image.NEAREST, box=(left, top, left + cw, top + ch))
+
+    return _each(images, seed, 13, zoom)
 
 
 NEAR_WORLD_EDITS = {"rotated": rotated, "inverted": inverted, "bordered": bordered, "zoomed": zoomed}

@@ -12,7 +12,7 @@ from .answers import answer_scores
 from .errors import DataError, InputError
 from .images import input_position, open_image, probe_image
 from .programs import hop_sets, question_targets, referred_sets
-from .records import VQASplit, read_json
+from .records import VQASplit, read_scenes_file
 from .text import QuestionTokenizer, pad_questions
 
 
@@ -83,10 +83,7 @@ def attention_points(split: VQASplit, records: list[dict], hops: int,
     program that runs on its scene. Scenes come from the split's CLEVR-format `scenes_file`,
     matched to images by file name (`image_filename`), objects placed by `pixel_coords`."""
     require_scene_graphs(split)
-    data = read_json(split.scenes_file, "scenes")
-    if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
-        raise DataError(f"{split.scenes_file}: expected an object with a list field 'scenes'")
-    by_file = {s.get("image_filename"): s for s in data["scenes"] if isinstance(s, dict)}
+    by_file = {s.get("image_filename"): s for s in read_scenes_file(split.scenes_file) if isinstance(s, dict)}
     sizes: dict[int, tuple[int, int]] = {}
     points = []
     for record in records:

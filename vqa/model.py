@@ -323,7 +323,10 @@ class VQAModel(PreTrainedModel):
                       image_index: torch.Tensor) -> torch.Tensor:
         """Step 3: features of each image once (N, ...), question vectors (B, C), the row of each
         question's image (B,) -> answer logits (B, A). Fusion by elementwise product."""
-        image = self.image_encoder(image_features, questions, image_index)  # (B, C)
+        return self.fuse(self.image_encoder(image_features, questions, image_index), questions)
+
+    def fuse(self, image: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
+        """Image vectors (B, C) times question vectors (B, C), elementwise -> answer logits (B, A)."""
         return self.classifier(image * questions)
 
     def _supervised_attention(self, image_features, questions, image_index, points, known):
@@ -333,7 +336,7 @@ class VQAModel(PreTrainedModel):
         targets = location_targets(points, *image_features.shape[2:])  # (B, H, L)
         scores = torch.stack([s[..., 0] for s in hop_logits], dim=1).float()  # (B, H, L)
         loss = F.binary_cross_entropy_with_logits(scores, targets, reduction="none").sum((1, 2))
-        return self.classifier(image * questions), (loss * known).sum() / known.sum().clamp(min=1)
+        return self.fuse(image, questions), (loss * known).sum() / known.sum().clamp(min=1)
 
     def attention_maps(self, image_features: torch.Tensor, questions: torch.Tensor,
                        image_index: torch.Tensor) -> torch.Tensor | None:

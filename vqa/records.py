@@ -50,6 +50,14 @@ class VQASplit:
         )
 
 
+def read_scenes_file(path: str | Path) -> list[dict]:
+    """The `scenes` list of a CLEVR-format scenes file (stage 1's targets, the attention's objects)."""
+    data = read_json(path, "scenes")
+    if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
+        raise DataError(f"{path}: expected an object with a list field 'scenes'")
+    return data["scenes"]
+
+
 def read_json(path: str | Path, what: str):
     path = Path(path)
     if not path.is_file():

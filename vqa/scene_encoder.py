@@ -27,7 +27,7 @@ from .config import check_options, option
 from .errors import DataError
 from .images import input_position, open_image
 from .model import backbone_transform, create_backbone, evaluating
-from .records import read_json
+from .records import read_json, read_scenes_file
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"
@@ -43,11 +43,8 @@ class Scene:
 def read_scenes(scenes_file: str | Path, image_dir: str | Path) -> list[Scene]:
     """The scenes of a CLEVR-format scenes file, each with its image file and its objects."""
     scenes_file, image_dir = Path(scenes_file), Path(image_dir)
-    data = read_json(scenes_file, "scenes")
-    if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
-        raise DataError(f"{scenes_file}: expected an object with a list field 'scenes'")
     scenes = []
-    for n, scene in enumerate(data["scenes"]):
+    for n, scene in enumerate(read_scenes_file(scenes_file)):
         where = f"{scenes_file}: scenes[{n}]"
         if not isinstance(scene, dict) or not isinstance(scene.get("image_filename"), str):
             raise DataError(f"{where} has no string field 'image_filename'")

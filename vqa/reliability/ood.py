@@ -327,26 +327,8 @@ class FeatureDensity:
             tensors = load_file(str(tensors_path))
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"OOD detector tensors are corrupt: {tensors_path} ({error})") from error
-        missing = [k for k in _TENSORS if k not in tensors]
-        if missing:
-            raise CheckpointError(f"{tensors_path} lacks tensors {missing}")
-        p = meta["feature_dim"]
-        mean, components = tensors["mean"], tensors["components"]
-        variances, residual = tensors["variances"], tensors["residual_variance"]
-        k = components.shape[1] if components.ndim == 2 else -1
-        if (mean.shape != (p,) or components.ndim != 2 or components.shape[0] != p or not 0 < k <= p
-                or variances.shape != (k,) or residual.shape != (1,)):
-            raise CheckpointError(
-                f"{tensors_path} does not match {meta_path.name} (feature_dim {p}): shapes mean {mean.shape}, "
-                f"components {components.shape}, variances {variances.shape}, residual_variance {residual.shape}; "
-                "expected (F,), (F, K) with 0 < K <= F, (K,), (1,)")
-        for name in _TENSORS:
-            if not np.isfinite(tensors[name]).all():
-                raise CheckpointError(f"{tensors_path}: tensor {name!r} holds NaN or infinity")
-        if (variances <= 0).any() or residual[0] <= 0:
-            raise CheckpointError(f"{tensors_path}: variances must be positive")
         density = cls()
-        density._set_parameters(mean, components, variances, residual[0])
+        density._set_parameters(*_checked_parameters(tensors, "", meta["feature_dim"], tensors_path, meta_path))
         density.threshold, density.false_alarm_rate = meta["threshold"], meta["false_alarm_rate"]
         density.train_images, density.heldout_images = meta["train_images"], meta["heldout_images"]
         density.shrinkage = meta.get("shrinkage")
@@ -381,6 +363,29 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _checked_parameters(tensors: dict, prefix: str, p: int, tensors_path: Path, meta_path: Path) -> tuple:
+    """(mean, components, variances, residual variance) of one density's tensors (names `prefix` +
+    _TENSORS) for F = p features, or CheckpointError naming the file and what is wrong."""
+    names = [prefix + k for k in _TENSORS]
+    missing = [k for k in names if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{tensors_path} lacks tensors {missing}")
+    mean, components, variances, residual = (tensors[k] for k in names)
+    k = components.shape[1] if components.ndim == 2 else -1
+    if (mean.shape != (p,) or components.ndim != 2 or components.shape[0] != p or not 0 < k <= p
+            or variances.shape != (k,) or residual.shape != (1,)):
+        raise CheckpointError(
+            f"{tensors_path} does not match {meta_path.name} (feature_dim {p}): shapes {prefix}mean {mean.shape}, "
+            f"components {components.shape}, variances {variances.shape}, residual_variance {residual.shape}; "
+            "expected (F,), (F, K) with 0 < K <= F, (K,), (1,)")
+    for name in names:
+        if not np.isfinite(tensors[name]).all():
+            raise CheckpointError(f"{tensors_path}: tensor {name!r} holds NaN or infinity")
+    if (variances <= 0).any() or residual[0] <= 0:
+        raise CheckpointError(f"{tensors_path}: {prefix}variances must be positive")
+    return mean, components, variances, residual[0]
+
+
 def _load_statistics(meta: dict, meta_path: Path, tensors: dict, tensors_path: Path) -> FeatureDensity:
     """The image-statistics density saved beside the CNN one; CheckpointError naming the file."""
     info = meta["statistics"]
@@ -402,25 +407,8 @@ def _load_statistics(meta: dict, meta_path: Path, tensors: dict, tensors_path: P
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
                 or (key == "pixel_std" and min(value) <= 0)):
             raise CheckpointError(f"{meta_path}: field 'statistics.{key}' is {value!r}, expected 3 numbers")
-    names = [STATISTICS_PREFIX + k for k in _TENSORS]
-    missing = [k for k in names if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{tensors_path} lacks tensors {missing} ({meta_path.name} names image statistics)")
-    mean, components, variances, residual = (tensors[k] for k in names)
-    p = STATISTICS_DIM
-    k = components.shape[1] if components.ndim == 2 else -1
-    if (mean.shape != (p,) or components.ndim != 2 or components.shape[0] != p or not 0 < k <= p
-            or variances.shape != (k,) or residual.shape != (1,)):
-        raise CheckpointError(f"{tensors_path}: the image-statistics tensors have shapes mean {mean.shape}, "
-                              f"components {components.shape}, variances {variances.shape}, residual_variance "
-                              f"{residual.shape}; expected ({p},), ({p}, K), (K,), (1,)")
-    for name in names:
-        if not np.isfinite(tensors[name]).all():
-            raise CheckpointError(f"{tensors_path}: tensor {name!r} holds NaN or infinity")
-    if (variances <= 0).any() or residual[0] <= 0:
-        raise CheckpointError(f"{tensors_path}: the image-statistics variances must be positive")
     statistics = FeatureDensity()
-    statistics._set_parameters(mean, components, variances, residual[0])
+    statistics._set_parameters(*_checked_parameters(tensors, STATISTICS_PREFIX, STATISTICS_DIM, tensors_path, meta_path))
     statistics.threshold, statistics.shrinkage = float(info["threshold"]), info.get("shrinkage")
     statistics.train_images = int(info["train_images"])
     statistics.false_alarm_rate, statistics.heldout_images = meta["false_alarm_rate"], meta["heldout_images"]
